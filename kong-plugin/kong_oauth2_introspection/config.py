@@ -1,0 +1,167 @@
+"""A plugin config, parsed and checked once per plugin instance into typed objects."""
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, FrozenSet, Optional, Tuple
+from urllib.parse import urlsplit
+
+from . import claims as claims_language
+from . import schema
+
+# RFC 7230 token: what a header name may be.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+class ConfigError(ValueError):
+    """A config the plugin cannot use; ``field`` names the culprit."""
+
+    def __init__(self, field_path: str, message: str):
+        super().__init__(f"{field_path}: {message}")
+        self.field = field_path
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """Traefik-style token sources; ``None`` everywhere means the Enterprise sources."""
+    header: Optional[str] = None
+    header_auth_scheme: Optional[str] = None
+    query: Optional[str] = None
+    cookie: Optional[str] = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.header or self.query or self.cookie)
+
+
+@dataclass(frozen=True)
+class TLS:
+    ca: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = field(default=None, repr=False)
+    insecure_skip_verify: bool = False
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    introspection_url: str
+    authorization_value: str = field(repr=False)
+    token_type_hint: Optional[str] = None
+    ttl: float = 30
+    timeout: float = 10.0          # seconds
+    keepalive: float = 60.0        # seconds
+    introspect_request: bool = False
+    hide_credentials: bool = False
+    run_on_preflight: bool = True
+    anonymous: str = ""
+    consumer_by: str = "username"
+    custom_introspection_headers: Tuple[Tuple[str, str], ...] = ()
+    custom_claims_forward: Tuple[str, ...] = ()
+    token_source: TokenSource = TokenSource()
+    claims: Optional[Any] = None   # a compiled claims expression
+    forward_headers: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+    forward_authorization: bool = True
+    username_claim: Optional[Tuple[str, ...]] = None
+    client_tls: TLS = TLS()
+    max_retries: int = 0
+    negative_ttl: float = 5
+    stale_if_error: float = 0
+    store: Optional[Dict[str, Any]] = field(default=None, repr=False)
+    # Headers the plugin may set upstream: a client-sent copy is always dropped.
+    owned_headers: FrozenSet[str] = frozenset()
+
+    @classmethod
+    def parse(cls, raw: Any) -> "Config":
+        conf, violations = schema.validate(raw)
+        if violations:
+            first = violations[0]
+            raise ConfigError(first.path, first.message)
+        return cls._from_valid(conf)
+
+    @classmethod
+    def _from_valid(cls, c: Dict[str, Any]) -> "Config":
+        url = urlsplit(c["introspection_url"])
+        if url.scheme.lower() not in ("http", "https") or not url.hostname:
+            raise ConfigError("config.introspection_url", "must be an http(s) URL with a host")
+
+        for name in c["custom_introspection_headers"]:
+            _header_name("config.custom_introspection_headers", name)
+
+        expression = None
+        if c["claims"] and c["claims"].strip():
+            try:
+                expression = claims_language.compile_claims(c["claims"])
+            except claims_language.ClaimsSyntaxError as err:
+                raise ConfigError("config.claims", str(err)) from None
+
+        forward = []
+        for name, path in sorted(c["forward_headers"].items()):
+            _header_name("config.forward_headers", name)
+            forward.append((name, _path("config.forward_headers." + name, path)))
+
+        username_claim = None
+        if c["username_claim"]:
+            username_claim = _path("config.username_claim", c["username_claim"])
+
+        ts = c["token_source"]
+        source = TokenSource(header=ts["header"] or None,
+                             header_auth_scheme=ts["header_auth_scheme"] or None,
+                             query=ts["query"] or None, cookie=ts["cookie"] or None)
+        if source.header:
+            _header_name("config.token_source.header", source.header)
+
+        tls = c["client_tls"]
+        client_tls = TLS(ca=tls["ca"] or None, cert=tls["cert"] or None, key=tls["key"] or None,
+                         insecure_skip_verify=bool(tls["insecure_skip_verify"]))
+        if bool(client_tls.cert) != bool(client_tls.key):
+            raise ConfigError("config.client_tls", "cert and key go together")
+
+        store = c["store"]
+        if not (store["redis"]["endpoints"] or []):
+            store = None
+
+        claims_forward = tuple(c["custom_claims_forward"])
+        owned = {"x-consumer-id", "x-consumer-custom-id", "x-consumer-username",
+                 "x-anonymous-consumer"}
+        owned.update(name.lower() for name, _ in forward)
+        return cls(
+            introspection_url=c["introspection_url"],
+            authorization_value=c["authorization_value"],
+            token_type_hint=c["token_type_hint"] or None,
+            ttl=float(c["ttl"]),
+            timeout=c["timeout"] / 1000.0,
+            keepalive=c["keepalive"] / 1000.0,
+            introspect_request=c["introspect_request"],
+            hide_credentials=bool(c["hide_credentials"]),
+            run_on_preflight=c["run_on_preflight"] is not False,
+            anonymous=c["anonymous"] or "",
+            consumer_by=c["consumer_by"],
+            custom_introspection_headers=tuple(
+                (name.replace("_", "-"), value)
+                for name, value in sorted(c["custom_introspection_headers"].items())),
+            custom_claims_forward=claims_forward,
+            token_source=source,
+            claims=expression,
+            forward_headers=tuple(forward),
+            forward_authorization=c["forward_authorization"],
+            username_claim=username_claim,
+            client_tls=client_tls,
+            max_retries=c["max_retries"],
+            negative_ttl=float(c["negative_ttl"]),
+            stale_if_error=float(c["stale_if_error"]),
+            store=store,
+            owned_headers=frozenset(owned),
+        )
+
+
+def _header_name(where: str, name: str) -> None:
+    if not _HEADER_NAME.match(name):
+        raise ConfigError(where, f"not a valid header name: {name!r}")
+
+
+def _path(where: str, text: str) -> Tuple[str, ...]:
+    path = claims_language.parse_path(text)
+    if not path or any(part == "" for part in path):
+        raise ConfigError(where, f"not a valid claim path: {text!r}")
+    return path
