@@ -28,25 +28,47 @@ _MAX_STORE_TTL = 366 * 86400  # ttl 0 and no exp: keep, but not forever
 
 class Entry(NamedTuple):
     claims: Dict[str, Any]
-    fresh_until: float   # wall clock; shared through the store, so every node agrees
-    stale_until: float   # how long it may still be served while the IdP is down
+    fetched_at: float    # wall clock; shared through the store, so every node agrees
+    evict_at: float      # when no config may use it any more
 
     @property
     def active(self) -> bool:
         return self.claims.get("active") is True
 
     def encode(self) -> bytes:
-        return json.dumps({"c": self.claims, "f": self.fresh_until, "s": self.stale_until},
+        return json.dumps({"c": self.claims, "t": self.fetched_at, "e": self.evict_at},
                           separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, blob: bytes) -> Optional["Entry"]:
         try:
             data = json.loads(blob)
-            entry = cls(data["c"], float(data["f"]), float(data["s"]))
+            entry = cls(data["c"], float(data["t"]), float(data["e"]))
         except (ValueError, KeyError, TypeError):
             return None
         return entry if isinstance(entry.claims, dict) else None
+
+
+class Policy(NamedTuple):
+    """How long one config may use an entry; configs sharing a cache differ here."""
+    ttl: float
+    negative_ttl: float
+    stale_if_error: float
+    wait: float           # longest wait for a concurrent introspection
+
+    def fresh_until(self, entry: Entry) -> float:
+        if not entry.active:
+            return entry.fetched_at + self.negative_ttl
+        until = entry.fetched_at + self.ttl if self.ttl > 0 else math.inf
+        exp = _expiry(entry.claims)
+        return until if exp is None else min(until, exp)
+
+    def stale_until(self, entry: Entry) -> float:
+        if not entry.active or self.stale_if_error <= 0:
+            return self.fresh_until(entry)
+        until = self.fresh_until(entry) + self.stale_if_error
+        exp = _expiry(entry.claims)
+        return until if exp is None else min(until, exp)
 
 
 def _expiry(claims) -> Optional[float]:
@@ -66,18 +88,15 @@ class Flight:
 
 
 class TokenCache:
-    def __init__(self, *, ttl: float, negative_ttl: float, stale_if_error: float,
-                 wait: float, key_material: bytes, store=None, maxsize: int = 10000,
+    """Shared by every config that asks the same IdP as the same client."""
+
+    def __init__(self, *, key_material: bytes, store=None, maxsize: int = 10000,
                  clock: Callable[[], float] = time.time):
-        self.ttl = ttl
-        self.negative_ttl = negative_ttl
-        self.stale_if_error = stale_if_error
-        self.wait = wait
         self.store = store
         self.clock = clock
         # HMAC key: a key reveals nothing about the token to whoever reads the store.
         self._hmac_key = hashlib.sha256(b"oauth2-introspection/cache\0" + key_material).digest()
-        self._local = TLRUCache(maxsize=maxsize, ttu=lambda _k, e, _now: e.stale_until,
+        self._local = TLRUCache(maxsize=maxsize, ttu=lambda _k, e, _now: e.evict_at,
                                 timer=clock)
         self._lock = threading.Lock()
         self._flights: Dict[str, Flight] = {}
@@ -91,7 +110,7 @@ class TokenCache:
         """A stable, UUID-shaped id for the credential behind a token."""
         return str(uuid.UUID(bytes=hashlib.sha256(b"credential\0" + key.encode()).digest()[:16]))
 
-    def get(self, key: str, fetch: Callable[[], Answer]) -> Entry:
+    def get(self, key: str, fetch: Callable[[], Answer], policy: Policy) -> Entry:
         """The entry for ``key``, asking ``fetch`` (the IdP) only when needed.
 
         Raises IntrospectionError when the IdP fails and nothing may be served.
@@ -99,20 +118,20 @@ class TokenCache:
         now = self.clock()
         with self._lock:
             entry = self._local.get(key)
-            if entry is not None and entry.fresh_until > now:
+            if entry is not None and policy.fresh_until(entry) > now:
                 return entry
             flight = self._flights.get(key)
             leader = flight is None
             if leader:
                 flight = self._flights[key] = Flight()
         if not leader:
-            if not flight.done.wait(self.wait):
+            if not flight.done.wait(policy.wait):
                 raise IntrospectionError("gave up waiting for a concurrent introspection")
             if flight.error is not None:
                 raise flight.error
             return flight.entry
         try:
-            flight.entry = self._lead(key, fetch, entry)
+            flight.entry = self._lead(key, fetch, policy, entry)
             return flight.entry
         except Exception as err:
             flight.error = err
@@ -122,68 +141,56 @@ class TokenCache:
                 self._flights.pop(key, None)
             flight.done.set()
 
-    def _lead(self, key: str, fetch, stale: Optional[Entry]) -> Entry:
+    def _lead(self, key: str, fetch, policy: Policy, stale: Optional[Entry]) -> Entry:
         store = self.store
         leased = False
         if store is not None:
-            shared = self._from_store(key)
+            shared = self._from_store(key, policy)
             if shared is not None:
                 return shared
-            leased = store.lease(key, max(1, int(self.wait * 1000)))
+            leased = store.lease(key, max(1, int(policy.wait * 1000)))
             if not leased:
-                shared = self._await_store(key)
+                shared = self._await_store(key, policy)
                 if shared is not None:
                     return shared
         try:
             try:
                 answer = fetch()
             except IntrospectionError:
-                if stale is not None and stale.active and stale.stale_until > self.clock():
+                if stale is not None and policy.stale_until(stale) > self.clock():
                     return stale
                 raise
-            entry = self._entry(answer)
-            if answer.cacheable and entry.stale_until > self.clock():
+            now = self.clock()
+            entry = Entry(answer.claims, now, now)
+            entry = entry._replace(evict_at=policy.stale_until(entry))
+            if answer.cacheable and entry.evict_at > now:
                 with self._lock:
                     self._local[key] = entry
                 if store is not None:
-                    lifetime = min(entry.stale_until - self.clock(), _MAX_STORE_TTL)
-                    store.set(key, entry.encode(), lifetime)
+                    store.set(key, entry.encode(), min(entry.evict_at - now, _MAX_STORE_TTL))
             return entry
         finally:
             if leased:
                 store.release(key)
 
-    def _from_store(self, key: str) -> Optional[Entry]:
+    def _from_store(self, key: str, policy: Policy) -> Optional[Entry]:
         blob = self.store.get(key)
         entry = Entry.decode(blob) if blob else None
-        if entry is None or entry.fresh_until <= self.clock():
+        if entry is None or policy.fresh_until(entry) <= self.clock():
             return None
         with self._lock:
             self._local[key] = entry
         return entry
 
-    def _await_store(self, key: str) -> Optional[Entry]:
+    def _await_store(self, key: str, policy: Policy) -> Optional[Entry]:
         # Another process holds the lease and is asking the IdP: wait for its entry.
-        deadline = time.monotonic() + self.wait
+        deadline = time.monotonic() + policy.wait
         while time.monotonic() < deadline:
             time.sleep(_POLL_INTERVAL)
-            entry = self._from_store(key)
+            entry = self._from_store(key, policy)
             if entry is not None:
                 return entry
         return None
-
-    def _entry(self, answer: Answer) -> Entry:
-        now = self.clock()
-        claims = answer.claims
-        if claims.get("active") is not True:
-            until = now + self.negative_ttl
-            return Entry(claims, until, until)
-        exp = _expiry(claims)
-        fresh = now + self.ttl if self.ttl > 0 else math.inf
-        stale = fresh + self.stale_if_error
-        if exp is not None:
-            fresh, stale = min(fresh, exp), min(stale, exp)
-        return Entry(claims, fresh, stale)
 
     def close(self):
         if self.store is not None:

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 from cachetools import LRUCache
 
 from . import NAME, responses
-from .cache import TokenCache
+from .cache import Policy, TokenCache
 from .claims import MISSING, resolve
 from .config import Config, ConfigError
 from .consumers import ConsumerFinder, ConsumerLookupError
@@ -27,6 +27,8 @@ from .tokens import MalformedToken, TokenFinder, without_cookie
 from .upstream import consumer_headers, credential_headers, drop_spoofed, header_value
 
 LOG_PREFIX = NAME + ": "
+_RUNTIMES: LRUCache = LRUCache(maxsize=256)
+_RUNTIMES_LOCK = threading.RLock()
 
 
 class StderrLog:
@@ -57,26 +59,36 @@ class Runtime:
         self.introspector = Introspector(conf, log)
         self.introspector.headers.update(self.static_headers)
         self.consumers = ConsumerFinder(conf.consumer_by)
-        store = RedisStore.from_config(conf.store, log) if conf.store else None
-        key_material = "\0".join([conf.introspection_url, conf.authorization_value,
-                                  conf.token_type_hint or "",
-                                  json.dumps(self.static_headers, sort_keys=True),
-                                  (conf.store or {}).get("secret") or ""]).encode()
-        self.cache = TokenCache(ttl=conf.ttl, negative_ttl=conf.negative_ttl,
-                                stale_if_error=conf.stale_if_error,
-                                wait=conf.timeout * (conf.max_retries + 1),
-                                key_material=key_material, store=store)
+        self.cache = _shared_cache(conf, self.static_headers, log)
+        self.policy = Policy(ttl=conf.ttl, negative_ttl=conf.negative_ttl,
+                             stale_if_error=conf.stale_if_error,
+                             wait=conf.timeout * (conf.max_retries + 1))
 
     def close(self):
         self.introspector.close()
-        self.cache.close()
+
+
+# Configs that ask the same IdP as the same client (and share a store) share one
+# cache: what the IdP said about a token does not depend on the route. Decisions
+# are still each config's own.
+_CACHES: Dict[str, TokenCache] = {}
+
+
+def _shared_cache(conf: Config, static_headers, log) -> TokenCache:
+    identity = json.dumps([conf.introspection_url, conf.authorization_value,
+                           conf.token_type_hint, static_headers, conf.store],
+                          sort_keys=True, default=str)
+    with _RUNTIMES_LOCK:
+        cache = _CACHES.get(identity)
+        if cache is None:
+            store = RedisStore.from_config(conf.store, log) if conf.store else None
+            cache = _CACHES[identity] = TokenCache(key_material=identity.encode(), store=store)
+    return cache
 
 
 # Instances with the same config share one runtime (and so one cache). In kong-pdk's
 # multiprocessing mode the Plugin is pickled for every event; the registry makes each
 # worker process build a runtime once per config, not once per request.
-_RUNTIMES: LRUCache = LRUCache(maxsize=256)
-_RUNTIMES_LOCK = threading.Lock()
 
 
 def _runtime_for(raw: Any):
@@ -164,7 +176,8 @@ class _Access:
         key = self.rt.cache.key(self.found.token, context)
         token = self.found.token
         try:
-            entry = self.rt.cache.get(key, lambda: self.rt.introspector.introspect(token, extra))
+            entry = self.rt.cache.get(key, lambda: self.rt.introspector.introspect(token, extra),
+                                      self.rt.policy)
         except IntrospectionError as err:
             kong.log.err(LOG_PREFIX + str(err))
             return _exit(kong, responses.SERVER_ERROR)

@@ -1,0 +1,99 @@
+"""A scriptable introspection endpoint on 127.0.0.1, for the faults a real
+authorization server cannot be made to produce on demand (5xx, hangs, bad
+JSON, dropped connections) and for counting calls exactly.
+
+Each request is answered by ``behaviour(form, headers) -> Reply``; every
+request is recorded in ``calls``.
+"""
+
+import json
+import ssl
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Dict, List, NamedTuple, Optional
+from urllib.parse import parse_qs
+
+
+class Reply(NamedTuple):
+    status: int = 200
+    body: object = None            # dict/list -> JSON; str/bytes -> as is
+    headers: Optional[Dict[str, str]] = None
+    delay: float = 0.0
+    drop: bool = False             # close the connection without answering
+
+
+def active(**claims) -> Reply:
+    return Reply(200, dict({"active": True}, **claims))
+
+
+INACTIVE = Reply(200, {"active": False})
+
+
+class Call(NamedTuple):
+    form: Dict[str, str]
+    headers: Dict[str, str]
+    client_port: int      # the same port twice means a reused connection
+
+
+class IdPDouble:
+    def __init__(self, behaviour: Optional[Callable[[Dict[str, str], Dict[str, str]], Reply]] = None,
+                 tls: Optional[ssl.SSLContext] = None):
+        self.behaviour = behaviour or (lambda form, headers: active(client_id="app"))
+        self.calls: List[Call] = []
+        self._lock = threading.Lock()
+        double = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length).decode()
+                form = {k: v[0] for k, v in parse_qs(raw).items()}
+                headers = {k: v for k, v in self.headers.items()}
+                with double._lock:
+                    double.calls.append(Call(form, headers, self.client_address[1]))
+                reply = double.behaviour(form, headers)
+                if reply.delay:
+                    time.sleep(reply.delay)
+                if reply.drop:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                body = reply.body
+                if isinstance(body, (dict, list)):
+                    body = json.dumps(body)
+                if isinstance(body, str):
+                    body = body.encode()
+                body = body or b""
+                self.send_response(reply.status)
+                self.send_header("Content-Type", "application/json")
+                for name, value in (reply.headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/introspect"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def tokens(self) -> List[str]:
+        return [call.form.get("token") for call in self.calls]
