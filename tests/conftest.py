@@ -22,3 +22,6 @@ def kong():
     from kong_standin import KongStandIn
     with KongStandIn(plugin_command()) as standin:
         yield standin
+
+
+from authserver_fixture import auth_server  # noqa: E402,F401 - the real authorization server

@@ -1,0 +1,553 @@
+"""The token store shared by every Kong node: Redis, via redis-py.
+
+``RedisStore`` is the second level of the plugin's cache (see ``cache.py``).
+It speaks to a standalone Redis, to the master of a Sentinel-managed set
+(following failovers through redis-py's ``Sentinel.master_for``) or to a
+Redis Cluster, optionally over TLS, and optionally encrypts every value with
+AES-GCM (``Sealer``).
+
+The store is an optimisation, never a dependency: no method raises, a failing
+Redis turns every call into a miss (``get`` -> None, ``set``/``release`` do
+nothing), and after a failure Redis is skipped for a backoff window (1 s,
+doubling up to 10 s) so a dead or slow Redis costs nothing per request. When
+the window ends one caller probes Redis again; when it answers the store is
+used again, without a restart. Failures are logged at most once per
+``LOG_INTERVAL`` seconds, without passwords, keys or values.
+
+``lease`` answers "should I ask the IdP?": True when this caller won the lease
+*or* when Redis cannot coordinate right now (nobody would ever fill the entry
+the others wait for). ``release`` deletes the lease only while it still holds
+our random token (a one-key Lua script, so it works on a Cluster too).
+
+In Sentinel mode a background thread asks the sentinels for the master every
+second, because redis-py only asks them when a connection breaks, and a master
+demoted by a failover keeps accepting connections until it is reconfigured.
+"""
+
+import collections
+import functools
+import math
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+NONCE_SIZE = 12
+LOG_INTERVAL = 10.0
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 10.0
+LEASE_SUFFIX = ":lease"
+_MAX_TTL_MS = 366 * 86400 * 1000
+_MAX_OWNED_LEASES = 10000
+
+# Delete the lease only when it still holds our token: after it expired another
+# caller may have taken it, and that one is not ours to delete. One key, so it
+# runs unchanged on a Redis Cluster.
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Sealer:
+    """AES-GCM with a 16, 24 or 32-byte key.
+
+    A sealed value is ``nonce (12 random bytes) || ciphertext || tag``. The
+    associated data (the store passes the Redis key) binds a value to its key:
+    a value copied under another key does not open.
+    """
+
+    def __init__(self, secret):
+        key = secret.encode() if isinstance(secret, str) else bytes(secret)
+        if len(key) not in (16, 24, 32):
+            raise ValueError("the store secret must be 16, 24 or 32 bytes long")
+        self._aead = AESGCM(key)
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(NONCE_SIZE)
+        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, blob: bytes, aad: bytes) -> Optional[bytes]:
+        """The plaintext, or None when ``blob`` was tampered with, sealed with
+        another key or for other associated data."""
+        if not isinstance(blob, (bytes, bytearray)) or len(blob) < NONCE_SIZE + 16:
+            return None
+        try:
+            return self._aead.decrypt(bytes(blob[:NONCE_SIZE]), bytes(blob[NONCE_SIZE:]), aad)
+        except Exception:  # InvalidTag, or anything else: a miss
+            return None
+
+
+def _parse_endpoint(endpoint: str) -> Tuple[str, int]:
+    host, sep, port = str(endpoint).strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"endpoint {endpoint!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port_n = int(port)
+    if not 0 < port_n < 65536:
+        raise ValueError(f"endpoint {endpoint!r}: bad port")
+    return host, port_n
+
+
+def _get(record, name, default=None):
+    if not isinstance(record, dict):
+        return default
+    value = record.get(name)
+    return default if value is None else value
+
+
+class _Backoff:
+    """Skip Redis for a while after a failure; let one caller probe afterwards."""
+
+    def __init__(self, probe_grace: float, clock=time.monotonic):
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._grace = probe_grace
+        self.failures = 0          # failed windows in a row; 0: healthy
+        self.until = 0.0           # monotonic time before which Redis is skipped
+        self._probing = False      # one caller was let through to test Redis
+
+    def allow(self) -> bool:
+        if self.failures == 0:
+            return True
+        if self._clock() < self.until:
+            return False
+        with self._lock:
+            now = self._clock()
+            if self.failures == 0:
+                return True
+            if now < self.until:
+                return False
+            # This caller probes; the others keep skipping while it does.
+            self._probing = True
+            self.until = now + self._grace
+            return True
+
+    def failed(self) -> Optional[float]:
+        """Start a backoff window (doubling each time); its length, or None when
+        one is running already (calls failing together count once)."""
+        with self._lock:
+            now = self._clock()
+            if self.failures and not self._probing and now < self.until:
+                return None
+            delay = min(BACKOFF_FIRST * (2 ** self.failures), BACKOFF_MAX)
+            self.failures += 1
+            self._probing = False
+            self.until = now + delay
+            return delay
+
+    def succeeded(self) -> bool:
+        """True when this success ends a backoff (Redis is back)."""
+        if self.failures == 0:
+            return False
+        with self._lock:
+            was = self.failures
+            self.failures = 0
+            self._probing = False
+            self.until = 0.0
+            return was > 0
+
+
+def _never_raises(default):
+    """The store is an optimisation: a bug or odd argument must not fail a request."""
+    def wrap(method):
+        @functools.wraps(method)
+        def safe(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as err:
+                self._failed(err, trip=False)
+                return default
+        return safe
+    return wrap
+
+
+class RedisStore:
+    """A key/value store in Redis shared by every node; see the module doc."""
+
+    def __init__(self, factory: Callable[[], Any], *, mode: str, key_prefix: str = "",
+                 sealer: Optional[Sealer] = None, log=None, timeout_s: float = 0.5,
+                 redacted: Tuple[str, ...] = (), cleanup: Callable[[], None] = None,
+                 describe: str = "redis", watch: Optional[Callable[[Any], Any]] = None,
+                 watch_interval: float = 1.0):
+        self.mode = mode
+        self.key_prefix = key_prefix or ""
+        self.sealer = sealer
+        self.log = log
+        self.describe = describe
+        self._factory = factory
+        self._client = None
+        self._release_script = None
+        self._client_lock = threading.Lock()
+        self._closed = False
+        self._cleanup = cleanup
+        self._redacted = tuple(s for s in redacted if s)
+        self._backoff = _Backoff(probe_grace=max(2 * timeout_s, 0.05) + 0.5)
+        self._log_lock = threading.Lock()
+        self._last_log = -math.inf
+        self._suppressed = 0
+        self._leases_lock = threading.Lock()
+        self._leases: "collections.OrderedDict[str, bytes]" = collections.OrderedDict()
+        self._watch = watch
+        self._watch_interval = watch_interval
+        self._stop = threading.Event()
+
+    # -- construction -------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, store_conf: Optional[dict], log) -> Optional["RedisStore"]:
+        """The store ``store_conf`` (the schema's ``store`` record) describes, or None
+        when it has no Redis endpoints or cannot be used (logged). Never raises and
+        never connects: the first command does."""
+        try:
+            return cls._from_config(store_conf, log)
+        except Exception as err:  # a bad config must not take the plugin down
+            _log(log, "err", f"store: Redis disabled, bad configuration ({type(err).__name__})")
+            return None
+
+    @classmethod
+    def _from_config(cls, store_conf, log):
+        redis_conf = _get(store_conf, "redis", {})
+        endpoints = [e for e in (_get(redis_conf, "endpoints", []) or []) if e]
+        if not endpoints:
+            return None
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.retry import Retry
+
+        try:
+            addresses = [_parse_endpoint(e) for e in endpoints]
+        except ValueError as err:
+            _log(log, "err", f"store: Redis disabled: {err}")
+            return None
+
+        sealer = None
+        secret = _get(store_conf, "secret")
+        if secret:
+            try:
+                sealer = Sealer(secret)
+            except ValueError as err:
+                # Refuse to fall back to plaintext when encryption was asked for.
+                _log(log, "err", f"store: Redis disabled: {err}")
+                return None
+
+        timeout_ms = _get(redis_conf, "timeout_ms", 500)
+        timeout_s = max(float(timeout_ms), 1.0) / 1000.0
+        username = _get(redis_conf, "username") or None
+        password = _get(redis_conf, "password") or None
+        database = int(_get(redis_conf, "database", 0) or 0)
+        cluster = bool(_get(redis_conf, "cluster", False))
+        sentinel_conf = _get(redis_conf, "sentinel", {})
+        master_set = _get(sentinel_conf, "master_set") or None
+        sentinel_password = _get(sentinel_conf, "password") or None
+
+        common: Dict[str, Any] = {
+            "socket_connect_timeout": timeout_s,
+            "socket_timeout": timeout_s,
+        }
+        # One quick retry on a broken connection (a stale pooled socket, a master
+        # that just became a replica), none on a timeout: a slow Redis must cost
+        # at most about 2 x timeout_ms, and the backoff makes it free afterwards.
+        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+        tls_kwargs, tls_files = _tls_kwargs(_get(redis_conf, "tls", {}), log)
+        cleanup = _file_remover(tls_files)
+        redacted = tuple(x for x in (password, sentinel_password,
+                                     secret if isinstance(secret, str) else None) if x)
+        key_prefix = _get(store_conf, "key_prefix", "") or ""
+
+        if cluster and master_set:
+            _log(log, "warn", "store: redis.cluster is set: sentinel.master_set is ignored")
+        if cluster:
+            if database:
+                _log(log, "warn", f"store: Redis Cluster only has database 0; "
+                                  f"database {database} is ignored")
+            from redis.cluster import ClusterNode, RedisCluster
+
+            def factory():
+                return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in addresses],
+                                    username=username, password=password, retry=retry,
+                                    require_full_coverage=False, **common, **tls_kwargs)
+            mode, describe = "cluster", f"Redis Cluster ({len(addresses)} seed nodes)"
+            watch = None
+        elif master_set:
+            from redis.sentinel import Sentinel
+            # No retries against a sentinel: discover_master already tries the next.
+            sentinel_kwargs = dict(common, retry=Retry(NoBackoff(), 0), **tls_kwargs)
+            if _get(sentinel_conf, "username"):
+                sentinel_kwargs["username"] = _get(sentinel_conf, "username")
+            if sentinel_password:
+                sentinel_kwargs["password"] = sentinel_password
+
+            def factory():
+                sentinel = Sentinel(addresses, sentinel_kwargs=sentinel_kwargs)
+                master = sentinel.master_for(master_set, username=username, password=password,
+                                             db=database, retry=retry, **common, **tls_kwargs)
+                master._kong_sentinel = sentinel  # closed with the master
+                return master
+
+            def watch(master):
+                # redis-py asks the sentinels only when a connection breaks. A master
+                # demoted by a failover stays up (and, until the sentinels reconfigure
+                # it, writable) for up to ~10 s: ask every second, so idle connections
+                # are dropped and new ones go to the new master.
+                master.connection_pool.get_master_address()
+            mode, describe = "sentinel", f"Redis Sentinel master set {master_set!r}"
+        else:
+            watch = None
+            host, port = addresses[0]
+            if len(addresses) > 1:
+                _log(log, "warn", "store: several Redis endpoints without sentinel or "
+                                  "cluster: only the first one is used")
+
+            def factory():
+                return redis.Redis(host=host, port=port, username=username, password=password,
+                                   db=database, retry=retry, **common, **tls_kwargs)
+            mode, describe = "standalone", f"Redis {host}:{port}"
+
+        store = cls(factory, mode=mode, key_prefix=key_prefix, sealer=sealer, log=log,
+                    timeout_s=timeout_s, redacted=redacted, cleanup=cleanup, describe=describe,
+                    watch=watch)
+        if cleanup is not None:
+            weakref.finalize(store, cleanup)
+        _log(log, "info", f"store: {describe}{' over TLS' if tls_kwargs else ''}, values "
+                          f"{'encrypted' if sealer else 'NOT encrypted (no store.secret)'}")
+        return store
+
+    # -- the API the cache uses ---------------------------------------------------
+
+    @_never_raises(None)
+    def get(self, key: str) -> Optional[bytes]:
+        """The value stored under ``key``; None when absent, unreadable or Redis fails."""
+        full = self.key_prefix + key
+        blob = self._call(lambda c: c.get(full))
+        if blob is None:
+            return None
+        if self.sealer is None:
+            return bytes(blob)
+        return self.sealer.open(blob, full.encode())
+
+    @_never_raises(None)
+    def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        """Store ``value`` under ``key`` for ``ttl_s`` seconds (at least 1 ms)."""
+        try:
+            ttl_f = float(ttl_s)
+        except (TypeError, ValueError):
+            return
+        if math.isnan(ttl_f):
+            return
+        px = _MAX_TTL_MS if ttl_f >= _MAX_TTL_MS / 1000 else max(1, int(ttl_f * 1000))
+        full = self.key_prefix + key
+        blob = self.sealer.seal(value, full.encode()) if self.sealer else value
+        self._call(lambda c: c.set(full, blob, px=px))
+
+    @_never_raises(True)
+    def lease(self, key: str, ttl_ms: int) -> bool:
+        """Try to become the one caller (across every process and node) that fetches
+        ``key``, for ``ttl_ms`` milliseconds.
+
+        True: go ahead and fetch (you won, or the store cannot coordinate right
+        now, so nobody should wait for anybody). False: someone else holds it.
+        """
+        full = self.key_prefix + key + LEASE_SUFFIX
+        token = secrets.token_hex(16).encode()
+        px = min(max(1, int(ttl_ms)), _MAX_TTL_MS)
+        ok = self._call(lambda c: c.set(full, token, nx=True, px=px), failed=_FAILED)
+        if ok is _FAILED:
+            return True  # Redis unavailable: waiting for a holder that cannot exist is useless
+        if not ok:
+            return False
+        with self._leases_lock:
+            self._leases[key] = token
+            while len(self._leases) > _MAX_OWNED_LEASES:
+                self._leases.popitem(last=False)
+        return True
+
+    @_never_raises(None)
+    def release(self, key: str) -> None:
+        """Give up the lease on ``key`` if this store still holds it."""
+        with self._leases_lock:
+            token = self._leases.pop(key, None)
+        if token is None:
+            return
+        full = self.key_prefix + key + LEASE_SUFFIX
+        self._call(lambda c: self._release_script(keys=[full], args=[token], client=c))
+
+    @_never_raises(None)
+    def close(self) -> None:
+        self._stop.set()
+        with self._client_lock:
+            self._closed = True
+            client, self._client = self._client, None
+        if client is not None:
+            _close_client(client)
+        if self._cleanup is not None:
+            self._cleanup()
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _connect(self):
+        client = self._client
+        if client is not None:
+            return client
+        with self._client_lock:
+            if self._closed:
+                return None
+            if self._client is None:
+                client = self._factory()  # RedisCluster connects here; may raise
+                self._release_script = client.register_script(_RELEASE_LUA)
+                self._client = client
+                if self._watch is not None:
+                    threading.Thread(target=self._watch_loop, args=(client,), daemon=True,
+                                     name="oauth2-introspection-store-watch").start()
+            return self._client
+
+    def _watch_loop(self, client):
+        while not self._stop.wait(self._watch_interval):
+            if self._backoff.failures:
+                continue  # the request path probes; no need to pile up
+            try:
+                self._watch(client)
+            except Exception:
+                pass  # the request path sees (and logs) real trouble
+
+    def _call(self, op, failed=None):
+        if self._closed or not self._backoff.allow():
+            return failed
+        try:
+            client = self._connect()
+            if client is None:
+                return failed
+            result = op(client)
+        except Exception as err:
+            self._failed(err)
+            return failed
+        if self._backoff.succeeded():
+            _log(self.log, "info", f"store: {self.describe} answers again")
+        return result
+
+    def _failed(self, err: BaseException, trip: bool = True):
+        delay = self._backoff.failed() if trip else None
+        now = time.monotonic()
+        with self._log_lock:
+            if now - self._last_log < LOG_INTERVAL:
+                self._suppressed += 1
+                return
+            self._last_log = now
+            suppressed, self._suppressed = self._suppressed, 0
+        text = self._redact(f"{type(err).__name__}: {err}")
+        parts = [f"store: {self.describe} failed ({text})"]
+        if delay is not None:
+            parts.append(f"skipping Redis for {delay:g} s")
+        if suppressed:
+            parts.append(f"{suppressed} more failure(s) not logged")
+        _log(self.log, "warn", "; ".join(parts))
+
+    def _redact(self, text: str) -> str:
+        # MasterNotFoundError lists every sentinel client's repr: keep only the causes.
+        cut = text.find("<redis.")
+        if cut > 0:
+            causes = re.findall(r">\s+-\s+([\w:.]+)", text)
+            text = text[:cut].rstrip(" :,")
+            if causes:
+                text += " [sentinels: " + ", ".join(causes) + "]"
+        text = text.replace("\n", " ")[:300]
+        for secret in self._redacted:
+            text = text.replace(secret, "***")
+        return text
+
+
+_FAILED = object()
+
+
+def _log(log, level: str, msg: str):
+    if log is None:
+        return
+    try:
+        getattr(log, level)(msg)
+    except Exception:
+        pass
+
+
+def _close_client(client):
+    sentinel = getattr(client, "_kong_sentinel", None)
+    for c in [client] + (list(sentinel.sentinels) if sentinel is not None else []):
+        try:
+            c.close()
+        except Exception:
+            pass
+
+
+def _write_private(pem: str, suffix: str) -> str:
+    fd, path = tempfile.mkstemp(prefix="kong-oauth2-introspection-", suffix=suffix)
+    try:
+        os.fchmod(fd, 0o600)  # mkstemp already does; be explicit
+        os.write(fd, pem.encode())
+    finally:
+        os.close(fd)
+    return path
+
+
+def _tls_kwargs(tls_conf, log) -> Tuple[Dict[str, Any], List[str]]:
+    """redis-py's ssl_* arguments for ``tls_conf``, and the temp files they name.
+
+    redis-py takes the CA bundle as data but the client certificate and key only
+    as file paths (in all three modes), so those two go to private (0600) temp
+    files, removed by ``close``. The CA is trusted in addition to the system
+    store: redis-py builds its SSLContext with the default roots.
+    """
+    ca = _get(tls_conf, "ca") or None
+    cert = _get(tls_conf, "cert") or None
+    key = _get(tls_conf, "key") or None
+    insecure = bool(_get(tls_conf, "insecure_skip_verify", False))
+    if not (_get(tls_conf, "enabled", False) or ca or cert or key or insecure):
+        return {}, []
+    kwargs: Dict[str, Any] = {"ssl": True}
+    files: List[str] = []
+    if insecure:
+        _log(log, "warn", "store: tls.insecure_skip_verify is set: the Redis server "
+                          "certificate is NOT verified")
+        kwargs.update(ssl_cert_reqs="none", ssl_check_hostname=False)
+    else:
+        kwargs.update(ssl_cert_reqs="required", ssl_check_hostname=True)
+    if ca:
+        kwargs["ssl_ca_data"] = ca
+    if cert:
+        try:
+            path = _write_private(cert, ".crt")
+            files.append(path)
+            kwargs["ssl_certfile"] = path
+            if key:
+                path = _write_private(key, ".key")
+                files.append(path)
+                kwargs["ssl_keyfile"] = path
+        except Exception:
+            _file_remover(files)()
+            raise
+    elif key:
+        _log(log, "warn", "store: tls.key without tls.cert is ignored")
+    return kwargs, files
+
+
+def _file_remover(paths: List[str]) -> Optional[Callable[[], None]]:
+    if not paths:
+        return None
+    paths = list(paths)
+
+    def remove():
+        while paths:
+            try:
+                os.unlink(paths.pop())
+            except OSError:
+                pass
+    return remove
