@@ -1,0 +1,145 @@
+"""One token cache for a whole Kong cluster: two real plugin-server processes
+sharing a real Redis, driven through the Kong stand-in."""
+
+import threading
+import time
+
+import pytest
+
+from conftest import plugin_command
+from idp_double import INACTIVE, IdPDouble, Reply, active
+from kong_standin import KongStandIn
+from redis_servers import ACL_PASSWORD, ACL_USER, redis_disposable  # noqa: F401
+from test_plugin_kong import SECRET, bearer, config
+
+STORE_SECRET = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    with KongStandIn(plugin_command()) as a, KongStandIn(plugin_command()) as b:
+        yield a, b
+
+
+def store(server, **extra):
+    return dict({"key_prefix": "t:", "secret": STORE_SECRET,
+                 "redis": {"endpoints": [server.address], "username": ACL_USER,
+                           "password": ACL_PASSWORD, "timeout_ms": 200}}, **extra)
+
+
+def claims_idp(delay=0.0):
+    return IdPDouble(lambda f, h: Reply(200, {"active": True, "username": "alice-claim",
+                                              "client_id": "shared-app",
+                                              "exp": int(time.time()) + 3600}, delay=delay))
+
+
+def test_token_introspected_by_one_node_is_served_by_the_other(two_nodes, redis_disposable):
+    a, b = two_nodes
+    with claims_idp() as idp:
+        conf = config(idp, store=store(redis_disposable))
+        ia, ib = a.configure(conf), b.configure(conf)
+        assert a.request(ia, "GET", "/", headers=bearer("tok-shared-1")).status == 200
+        r = b.request(ib, "GET", "/", headers=bearer("tok-shared-1"))
+        assert r.status == 200 and r.upstream.headers["X-Credential-Client-ID"] == "shared-app"
+        assert len(idp.calls) == 1
+        # Both nodes derive the same credential id, so per-credential limits agree.
+        assert r.credential["id"] == a.request(ia, "GET", "/", headers=bearer("tok-shared-1")).credential["id"]
+
+
+def test_values_in_redis_are_encrypted_and_hold_no_token(two_nodes, redis_disposable):
+    a, _ = two_nodes
+    token = "tok-secret-in-redis-9f8e7d"
+    with claims_idp() as idp:
+        inst = a.configure(config(idp, store=store(redis_disposable)))
+        assert a.request(inst, "GET", "/", headers=bearer(token)).status == 200
+    raw = redis_disposable.client()
+    keys = [k for k in raw.keys("t:*") if not k.endswith(b":lease")]
+    assert keys, "nothing was written to Redis"
+    for key in keys:
+        value = raw.get(key)
+        assert token.encode() not in key and token.encode() not in value
+        assert b"alice-claim" not in value and b"shared-app" not in value and b"active" not in value
+    log = a.server_log()
+    assert ACL_PASSWORD not in log and STORE_SECRET not in log and token not in log
+
+
+def test_concurrent_misses_on_two_nodes_make_one_idp_call(two_nodes, redis_disposable):
+    a, b = two_nodes
+    with claims_idp(delay=0.3) as idp:
+        conf = config(idp, store=store(redis_disposable))
+        ia, ib = a.configure(conf), b.configure(conf)
+        # Instances start lazily; start them before the race.
+        a.request(ia, "GET", "/", headers=bearer("tok-warm-a"))
+        b.request(ib, "GET", "/", headers=bearer("tok-warm-b"))
+        before = len(idp.calls)
+        barrier = threading.Barrier(40)
+        results = []
+
+        def one(node, inst):
+            barrier.wait()
+            results.append(node.request(inst, "GET", "/", headers=bearer("tok-herd")))
+        threads = [threading.Thread(target=one, args=(a, ia) if i % 2 else (b, ib))
+                   for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r.status for r in results] == [200] * 40
+        assert len(idp.calls) - before == 1
+
+
+def test_inactive_tokens_are_cached_briefly(two_nodes, redis_disposable):
+    a, b = two_nodes
+    with IdPDouble(lambda f, h: INACTIVE) as idp:
+        conf = config(idp, store=store(redis_disposable), negative_ttl=30)
+        ia, ib = a.configure(conf), b.configure(conf)
+        for i in range(10):
+            node, inst = (a, ia) if i % 2 else (b, ib)
+            assert node.request(inst, "GET", "/", headers=bearer("tok-flood")).status == 401
+        assert len(idp.calls) == 1
+
+
+def test_redis_killed_mid_run_fails_no_request_and_is_used_again(two_nodes, redis_disposable):
+    a, _ = two_nodes
+    with claims_idp() as idp:
+        inst = a.configure(config(idp, store=store(redis_disposable)))
+        assert a.request(inst, "GET", "/", headers=bearer("tok-before")).status == 200
+        redis_disposable.stop()
+        for i in range(20):
+            r = a.request(inst, "GET", "/", headers=bearer(f"tok-during-{i}"))
+            assert r.status == 200 and r.kong_error is None
+        redis_disposable.restart()
+        raw = redis_disposable.client()
+        deadline = time.monotonic() + 15
+        written = False
+        n = 0
+        while time.monotonic() < deadline and not written:
+            a.request(inst, "GET", "/", headers=bearer(f"tok-after-{n}"))
+            n += 1
+            written = any(not k.endswith(b":lease") for k in raw.keys("t:*"))
+            time.sleep(0.2)
+        assert written, "the store was not used again after Redis came back"
+    assert ACL_PASSWORD not in a.server_log()
+
+
+def test_stale_if_error_through_the_plugin(two_nodes):
+    a, _ = two_nodes
+    state = {"up": True}
+    with IdPDouble(lambda f, h: active(exp=int(time.time()) + 3600) if state["up"] else Reply(503)) as idp:
+        tolerant = a.configure(config(idp, ttl=1, stale_if_error=60))
+        strict = a.configure(config(idp, ttl=1))
+        assert a.request(tolerant, "GET", "/", headers=bearer("tok-stale")).status == 200
+        assert a.request(strict, "GET", "/", headers=bearer("tok-stale")).status == 200
+        state["up"] = False
+        time.sleep(1.2)
+        assert a.request(tolerant, "GET", "/", headers=bearer("tok-stale")).status == 200
+        assert a.request(strict, "GET", "/", headers=bearer("tok-stale")).status == 500
+
+
+def test_no_store_answers_are_asked_every_time(two_nodes):
+    a, _ = two_nodes
+    with IdPDouble(lambda f, h: Reply(200, {"active": True}, {"Cache-Control": "no-store"})) as idp:
+        inst = a.configure(config(idp))
+        for _ in range(3):
+            assert a.request(inst, "GET", "/", headers=bearer("tok-nostore")).status == 200
+        assert len(idp.calls) == 3
