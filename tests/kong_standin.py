@@ -510,13 +510,7 @@ def parse_args(raw, max_args=100):
             k, v = ngx_unescape(part), True
         if k == "":
             continue
-        if k in out:
-            if isinstance(out[k], list):
-                out[k].append(v)
-            else:
-                out[k] = [out[k], v]
-        else:
-            out[k] = v
+        _add(out, k, v)
     return out
 
 
@@ -751,18 +745,21 @@ def _arg(args, i):
     return args[i] if len(args) > i else None
 
 
+def _add(out, key, value):
+    """Lua multi-map insert: a string, or a list once the key repeats."""
+    if key not in out:
+        out[key] = value
+    elif isinstance(out[key], list):
+        out[key].append(value)
+    else:
+        out[key] = [out[key], value]
+
+
 def _mmap_headers(pairs, max_headers):
     """ngx.req.get_headers(): lowercase names; string, or a list when repeated."""
     out = {}
     for k, v in pairs[:max_headers]:
-        k = k.lower()
-        if k in out:
-            if isinstance(out[k], list):
-                out[k].append(v)
-            else:
-                out[k] = [out[k], v]
-        else:
-            out[k] = v
+        _add(out, k.lower(), v)
     return out
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from certs import make_ca_and_certs
 from idp_double import IdPDouble, Reply, active
-from test_plugin_kong import SECRET, TOKEN, bearer, config
+from test_claims import SEED_EXAMPLES
+from test_plugin_kong import TOKEN, bearer, config
 
 # The seeds' sample document, as the IdP's answer.
 SAMPLE = {"active": True, "grp": "admin", "scope": "reader writer deploy",
@@ -50,17 +51,7 @@ def test_configured_sources_replace_the_enterprise_ones(kong, idp):
     assert idp.calls == []
 
 
-@pytest.mark.parametrize("expression", [
-    "Equals(`grp`, `admin`)",
-    "Prefix(`referrer`, `http://example.com`)",
-    "Contains(`referrer`, `/foo/`)",
-    "Contains(`areas`, `home`)",
-    "SplitContains(`scope`, ` `, `writer`)",
-    "OneOf(`areas`, `office`, `lab`)",
-    "Equals(`grp`, `admin`) && Equals(`active`, `true`)",
-    "Equals(`grp`, `admin`) || Equals(`active`, `true`)",
-    "!Equals(`grp`, `testers`)",
-    "Equals(`user.name`, `John Snow`)",
+@pytest.mark.parametrize("expression", SEED_EXAMPLES + [
     "Equals(`a\\.b`, `dotted`)",
 ])
 def test_seed_examples_pass(kong, idp, expression):
