@@ -450,6 +450,9 @@ def test_sentinel_follows_failovers(redis_sentinel):
         store.set("before", b"1", 60)
         assert store.get("before") == b"1"
         first_master = sset.master_port()
+        master = next(s for s in sset.servers if s.port == first_master)
+        # Replication is asynchronous: WAIT until the write has reached the replica.
+        assert master.client().wait(1, 5000) >= 1
 
         def lands_on(server):
             # Writes sent while the old master is being demoted are lost (Redis

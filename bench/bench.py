@@ -1,0 +1,469 @@
+#!/usr/bin/env python3
+"""Benchmark of the oauth2-introspection plugin server, driven through the real
+kong-pdk Unix-socket protocol by the Kong stand-in of tests/kong_standin.py.
+
+Usage:  /work/venv/bin/python bench/bench.py [--quick]
+
+Table A: rps and p50/p99 latency of the cache-hit and cache-miss paths beside a
+minimal kong-pdk plugin making one PDK call (bench/floor_plugin.py), for
+kong-pdk's thread, gevent (-g) and process (-m) modes. Runs are interleaved
+(floor, hit, miss, floor, hit, miss, ...) and the median of the repeats is shown.
+
+Table B: IdP calls and latency for 1,000 requests over 50 distinct tokens at
+concurrency 50 with no cache, the in-process cache, and Redis shared by two
+plugin-server processes; then a Redis hit against an in-process hit.
+
+The IdP is a separate process (its own GIL); Redis is a real redis-server on a
+free port in a temp dir. Everything started here is stopped at the end, even on
+error. Only the tables go to stdout; progress goes to stderr.
+"""
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from kong_standin import KongStandIn  # noqa: E402
+
+FLOOR_CMD = [sys.executable, os.path.join(HERE, "floor_plugin.py")]
+OURS_CMD = [shutil.which("kong-oauth2-introspection",
+                         path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+            or "kong-oauth2-introspection"]
+AUTH = "Basic YmVuY2g6YmVuY2g="
+STORE_SECRET = "0123456789abcdef"
+MODES = [("thread", []), ("gevent", ["-g"]), ("process", ["-m"])]
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# the IdP: its own process, counts calls per path, GET /count/<path>
+
+
+def _idp_main(conn):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    counts = {}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _send(self, code, body, headers=()):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in headers:
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            if n:
+                self.rfile.read(n)
+            path = self.path.split("?")[0].strip("/")
+            with lock:
+                counts[path] = counts.get(path, 0) + 1
+            headers = [("Cache-Control", "no-store")] if path.endswith("nostore") else []
+            self._send(200, {"active": True, "client_id": "bench",
+                             "exp": int(time.time()) + 3600}, headers)
+
+        def do_GET(self):
+            if self.path.startswith("/count/"):
+                with lock:
+                    self._send(200, {"count": counts.get(self.path[len("/count/"):], 0)})
+            else:
+                self._send(404, {})
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    srv.request_queue_size = 256
+    conn.send(srv.server_address[1])
+    srv.serve_forever()
+
+
+class IdP(object):
+    def __init__(self):
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_idp_main, args=(child,), daemon=True)
+        self.proc.start()
+        if not parent.poll(30):
+            raise RuntimeError("IdP process did not start")
+        self.port = parent.recv()
+
+    def url(self, scenario):
+        return "http://127.0.0.1:%d/%s" % (self.port, scenario)
+
+    def count(self, scenario):
+        with urllib.request.urlopen("http://127.0.0.1:%d/count/%s" % (self.port, scenario), timeout=10) as r:
+            return json.loads(r.read())["count"]
+
+    def stop(self):
+        if self.proc.is_alive():
+            self.proc.terminate()
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+# --------------------------------------------------------------------------
+# redis-server
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Redis(object):
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--daemonize", "no"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    @property
+    def endpoint(self):
+        return "127.0.0.1:%d" % self.port
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# measurement helpers
+
+
+def pct(values, p):
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+class Errors(object):
+    def __init__(self):
+        self.n = 0
+        self.first = None
+        self.lock = threading.Lock()
+
+    def add(self, what):
+        with self.lock:
+            self.n += 1
+            if self.first is None:
+                self.first = what
+
+
+def one(kong, inst, token, errors):
+    t0 = time.perf_counter()
+    r = kong.request(inst, "GET", "/", headers={"Authorization": "Bearer " + token})
+    dt = time.perf_counter() - t0
+    if r.status != 200 or r.kong_error:
+        errors.add("status %s %s" % (r.status, r.kong_error or r.body[:120]))
+    return dt, len(r.pdk_calls)
+
+
+def sequential(kong, inst, tokens, errors):
+    lat, calls = [], []
+    for t in tokens:
+        dt, c = one(kong, inst, t, errors)
+        lat.append(dt)
+        calls.append(c)
+    return lat, calls
+
+
+def concurrent(kong, inst, tokens, threads, errors):
+    """All tokens, split over `threads` threads; returns (wall seconds, latencies)."""
+    lat = [None] * len(tokens)
+    barrier = threading.Barrier(threads + 1)
+
+    def work(j):
+        barrier.wait()
+        for k in range(j, len(tokens), threads):
+            lat[k] = one(kong, inst, tokens[k], errors)[0]
+
+    ts = [threading.Thread(target=work, args=(j,), daemon=True) for j in range(threads)]
+    for t in ts:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    return time.perf_counter() - t0, [x for x in lat if x is not None]
+
+
+# --------------------------------------------------------------------------
+# Table A
+
+
+def table_a(idp, args, stack):
+    rows = []
+    for mode, flags in MODES:
+        log("[A] mode %s: starting plugin servers" % mode)
+        try:
+            floor = stack.enter_context(KongStandIn(FLOOR_CMD + flags))
+            ours = stack.enter_context(KongStandIn(OURS_CMD + flags))
+            finst = floor.configure({})
+            scen = "a-%s" % mode
+            oinst = ours.configure({"introspection_url": idp.url(scen), "authorization_value": AUTH})
+            errors = {"floor": Errors(), "hit": Errors(), "miss": Errors()}
+            # warm-up: instances started, hit tokens cached
+            hit_tokens = ["hit-%s-%d" % (mode, i) for i in range(100)]
+            sequential(floor, finst, ["w"] * 50, errors["floor"])
+            sequential(ours, oinst, hit_tokens, errors["hit"])
+            sequential(ours, oinst, hit_tokens, errors["hit"])
+            paths = ["floor", "hit", "miss"]
+            res = {p: {"p50": [], "p99": [], "rps": [], "calls": []} for p in paths}
+            miss_seq = 0
+            for rep in range(args.repeats):
+                for p in paths:
+                    kong, inst = (floor, finst) if p == "floor" else (ours, oinst)
+                    if p == "miss":
+                        seq_tokens = ["miss-%s-%d" % (mode, miss_seq + i) for i in range(args.seq)]
+                        miss_seq += args.seq
+                        rps_tokens = ["miss-%s-%d" % (mode, miss_seq + i) for i in range(args.rps_n)]
+                        miss_seq += args.rps_n
+                    else:
+                        seq_tokens = [hit_tokens[i % len(hit_tokens)] for i in range(args.seq)]
+                        rps_tokens = [hit_tokens[i % len(hit_tokens)] for i in range(args.rps_n)]
+                    lat, calls = sequential(kong, inst, seq_tokens, errors[p])
+                    wall, _ = concurrent(kong, inst, rps_tokens, args.rps_threads, errors[p])
+                    r = res[p]
+                    r["p50"].append(pct(lat, 50) * 1e3)
+                    r["p99"].append(pct(lat, 99) * 1e3)
+                    r["rps"].append(len(rps_tokens) / wall)
+                    r["calls"].append(statistics.mean(calls))
+                log("[A] mode %s: repeat %d/%d done" % (mode, rep + 1, args.repeats))
+            misses = miss_seq
+            idp_calls = idp.count(scen)
+            fl = {k: median(v) for k, v in res["floor"].items()}
+            for p in paths:
+                m = {k: median(v) for k, v in res[p].items()}
+                label = {"floor": "floor (1 PDK call)", "hit": "ours, cache hit",
+                         "miss": "ours, cache miss"}[p]
+                ratio = "%.2f× / %.2f×" % (m["p50"] / fl["p50"], fl["rps"] / m["rps"])
+                note = ""
+                if p == "miss":
+                    note = "IdP calls %d for %d unique tokens" % (idp_calls - len(hit_tokens), misses)
+                if errors[p].n:
+                    note = (note + "; " if note else "") + "%d errors, first: %s" % (errors[p].n, errors[p].first)
+                rows.append([mode, label, "%.0f" % m["rps"], "%.2f" % m["p50"], "%.2f" % m["p99"],
+                             "%.1f" % m["calls"], "1.00× / 1.00×" if p == "floor" else ratio, note])
+        except Exception as e:  # a mode that does not work: say why in its row
+            reason = ("%s: %s" % (type(e).__name__, e)).replace("\n", " ").replace("|", "/")[:300]
+            log("[A] mode %s failed: %s" % (mode, reason))
+            rows.append([mode, "(mode failed)", "-", "-", "-", "-", "-", reason])
+        finally:
+            # stop this mode's servers before the next mode (ExitStack still closes on error)
+            for k in (locals().get("ours"), locals().get("floor")):
+                if k is not None:
+                    k.close()
+            ours = floor = None
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Table B
+
+
+def burst(kongs, insts, tokens, n, conc):
+    """n requests, token (k//2) % len(tokens), process k % len(kongs), conc threads
+    released together: the two requests for a token's first appearance run at once."""
+    errors = Errors()
+    lat = [None] * n
+    barrier = threading.Barrier(conc + 1)
+
+    def work(j):
+        barrier.wait()
+        for k in range(j, n, conc):
+            p = k % len(kongs)
+            lat[k] = one(kongs[p], insts[p], tokens[(k // 2) % len(tokens)], errors)[0]
+
+    ts = [threading.Thread(target=work, args=(j,), daemon=True) for j in range(conc)]
+    for t in ts:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    return time.perf_counter() - t0, [x for x in lat if x is not None], errors
+
+
+def table_b(idp, redis, args, stack):
+    rows = []
+    n, ntok, conc = args.b_requests, args.b_tokens, args.b_conc
+    a = stack.enter_context(KongStandIn(OURS_CMD))
+    b = stack.enter_context(KongStandIn(OURS_CMD))
+    store = {"secret": STORE_SECRET, "redis": {"endpoints": [redis.endpoint]}}
+
+    def conf(scen, with_store=False):
+        c = {"introspection_url": idp.url(scen), "authorization_value": AUTH}
+        if with_store:
+            c["store"] = store
+        return c
+
+    # warm the instances (StartInstance) on a throw-away scenario
+    for k in (a, b):
+        inst = k.configure(conf("b-warm"))
+        sequential(k, inst, ["warm-%d" % i for i in range(20)], Errors())
+
+    scenarios = [
+        ("no cache (IdP: Cache-Control: no-store)", "b-nostore", [a], False, n),
+        ("in-process cache", "b-local", [a], False, ntok),
+        ("Redis shared by two plugin-server processes", "b-redis", [a, b], True, ntok),
+    ]
+    for label, scen, kongs, with_store, target in scenarios:
+        log("[B] %s" % label)
+        insts = [k.configure(conf(scen, with_store)) for k in kongs]
+        # start the instances outside the measurement (first request of a config)
+        for k, i in zip(kongs, insts):
+            sequential(k, i, ["start-%s-%d" % (scen, id(k))], Errors())
+        before = idp.count(scen)
+        tokens = ["%s-tok-%d" % (scen, i) for i in range(ntok)]
+        wall, lat, errors = burst(kongs, insts, tokens, n, conc)
+        calls = idp.count(scen) - before
+        note = "" if not errors.n else "%d errors, first: %s" % (errors.n, errors.first)
+        rows.append([label, str(len(kongs)), "%d / %d" % (n, ntok), str(calls), str(target),
+                     "%.2f" % (pct(lat, 50) * 1e3), "%.2f" % (pct(lat, 99) * 1e3),
+                     "%.2f" % wall, note])
+
+    # Redis hit (process B never saw the token) against an in-process hit (process A)
+    log("[B] Redis hit vs in-process hit")
+    scen = "b-hit"
+    ia, ib = a.configure(conf(scen, True)), b.configure(conf(scen, True))
+    sequential(a, ia, ["start-a"], Errors())
+    sequential(b, ib, ["start-b"], Errors())
+    redis_lat, local_lat = [], []
+    e_warm, e_redis, e_local = Errors(), Errors(), Errors()
+    before = idp.count(scen)
+    redis_calls = 0
+    for rnd in range(args.hit_rounds):
+        tokens = ["hit-r%d-%d" % (rnd, i) for i in range(args.hit_n)]
+        sequential(a, ia, tokens, e_warm)                     # A: misses, writes Redis
+        c0 = idp.count(scen)
+        redis_lat += sequential(b, ib, tokens, e_redis)[0]    # B: Redis hits
+        redis_calls += idp.count(scen) - c0
+        local_lat += sequential(a, ia, tokens, e_local)[0]    # A: in-process hits
+    total = args.hit_n * args.hit_rounds
+    warm_calls = idp.count(scen) - before - redis_calls
+    rm, lm = median(redis_lat), median(local_lat)
+    for label, lat, e, calls, note in (
+            ("Redis hit (process B, token warmed by A)", redis_lat, e_redis, redis_calls,
+             "ratio of medians %.2f× the in-process hit (target ≤ 1.3×)" % (rm / lm)),
+            ("in-process hit (process A)", local_lat, e_local, 0, "IdP calls while A warmed: %d" % warm_calls)):
+        if e.n or e_warm.n:
+            note += "; %d errors, first: %s" % (e.n + e_warm.n, e.first or e_warm.first)
+        rows.append([label, "1", "%d / %d" % (total, total), str(calls), "0",
+                     "%.2f" % (pct(lat, 50) * 1e3), "%.2f" % (pct(lat, 99) * 1e3), "-", note])
+    return rows
+
+
+# --------------------------------------------------------------------------
+
+
+def md(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.seq, args.rps_n, args.rps_threads = 1, 200, 500, 8
+        args.b_requests, args.b_tokens, args.b_conc = 400, 50, 50
+        args.hit_n, args.hit_rounds = 100, 1
+    else:
+        args.repeats, args.seq, args.rps_n, args.rps_threads = 3, 500, 2000, 8
+        args.b_requests, args.b_tokens, args.b_conc = 1000, 50, 50
+        args.hit_n, args.hit_rounds = 200, 2
+
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+    t_start = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        idp = IdP()
+        stack.callback(idp.stop)
+        redis = Redis()
+        stack.callback(redis.stop)
+        rows_a = table_a(idp, args, stack)
+        rows_b = table_b(idp, redis, args, stack)
+
+    print("Machine: nproc=%d, Python %s (%s), %s; figures are from one run%s (%.0f s)." % (
+        os.cpu_count(), platform.python_version(), platform.python_implementation(),
+        platform.platform(terse=True), " (--quick)" if args.quick else "",
+        time.monotonic() - t_start))
+    print()
+    print("A) plugin-server protocol, Kong stand-in driver: rps = %d requests over %d threads, "
+          "p50/p99 = %d sequential requests; median of %d interleaved repeats; "
+          "cost vs floor = p50 ratio / inverse rps ratio (target for cache hit ≤ 2×)"
+          % (args.rps_n, args.rps_threads, args.seq, args.repeats))
+    print()
+    print(md(["mode", "path", "rps", "p50 ms", "p99 ms", "PDK calls/req", "cost vs floor (p50 / rps)", "notes"],
+             rows_a))
+    print()
+    print("B) %d requests over %d distinct tokens at concurrency %d (all threads released together; "
+          "with two processes each token's first two requests hit both at once); then Redis hit vs "
+          "in-process hit, sequential" % (args.b_requests, args.b_tokens, args.b_conc))
+    print()
+    print(md(["cache", "processes", "requests / tokens", "IdP calls", "target", "p50 ms", "p99 ms",
+              "total s", "notes"], rows_b))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
