@@ -149,10 +149,13 @@ class TokenCache:
             if shared is not None:
                 return shared
             leased = store.lease(key, max(1, int(policy.wait * 1000)))
-            if not leased:
-                shared = self._await_store(key, policy)
-                if shared is not None:
-                    return shared
+            # Check again once leased: the previous holder may have written the entry
+            # and released the lease between our first look and our lease.
+            shared = self._from_store(key, policy) if leased else self._await_store(key, policy)
+            if shared is not None:
+                if leased:
+                    store.release(key)
+                return shared
         try:
             try:
                 answer = fetch()
