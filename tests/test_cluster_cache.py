@@ -9,7 +9,9 @@ import pytest
 from conftest import plugin_command
 from idp_double import INACTIVE, IdPDouble, Reply, active
 from kong_standin import KongStandIn
-from redis_servers import ACL_PASSWORD, ACL_USER, redis_disposable  # noqa: F401
+from redis_servers import (ACL_PASSWORD, ACL_USER, MASTER_SET, PASSWORD,  # noqa: F401
+                           SENTINEL_PASSWORD, redis_cluster, redis_disposable,
+                           redis_sentinel, redis_tls, tls_certs)
 from test_plugin_kong import SECRET, bearer, config
 
 STORE_SECRET = "0123456789abcdef0123456789abcdef"
@@ -143,3 +145,63 @@ def test_no_store_answers_are_asked_every_time(two_nodes):
         for _ in range(3):
             assert a.request(inst, "GET", "/", headers=bearer("tok-nostore")).status == 200
         assert len(idp.calls) == 3
+
+
+def _shared_by_both(two_nodes, store_conf, token):
+    """A token asked on node A is served to node B from the store."""
+    a, b = two_nodes
+    with claims_idp() as idp:
+        conf = config(idp, store=store_conf)
+        ia, ib = a.configure(conf), b.configure(conf)
+        assert a.request(ia, "GET", "/", headers=bearer(token)).status == 200
+        assert b.request(ib, "GET", "/", headers=bearer(token)).status == 200
+        return len(idp.calls)
+
+
+def test_redis_cluster_mode(two_nodes, redis_cluster):
+    conf = {"secret": STORE_SECRET, "redis": {"endpoints": redis_cluster.endpoints,
+                                              "password": PASSWORD, "cluster": True}}
+    assert _shared_by_both(two_nodes, conf, "tok-cluster") == 1
+
+
+def test_redis_over_tls_with_a_client_certificate(two_nodes, redis_tls, tls_certs):
+    conf = {"secret": STORE_SECRET, "redis": {
+        "endpoints": [redis_tls.address], "password": PASSWORD,
+        "tls": {"enabled": True, "ca": tls_certs["ca"], "cert": tls_certs["client_cert"],
+                "key": tls_certs["client_key"]}}}
+    assert _shared_by_both(two_nodes, conf, "tok-tls") == 1
+    assert tls_certs["client_key"].splitlines()[1] not in two_nodes[0].server_log()
+
+
+def test_plugin_follows_a_sentinel_failover(two_nodes, redis_sentinel):
+    sset = redis_sentinel
+    a, b = two_nodes
+    conf_store = {"key_prefix": "s:", "secret": STORE_SECRET, "redis": {
+        "endpoints": sset.endpoints, "password": PASSWORD, "timeout_ms": 300,
+        "sentinel": {"master_set": MASTER_SET, "password": SENTINEL_PASSWORD}}}
+    with claims_idp() as idp:
+        conf = config(idp, store=conf_store)
+        ia, ib = a.configure(conf), b.configure(conf)
+        assert a.request(ia, "GET", "/", headers=bearer("tok-before-failover")).status == 200
+        assert b.request(ib, "GET", "/", headers=bearer("tok-before-failover")).status == 200
+        assert len(idp.calls) == 1
+        new_master = sset.failover(kill=False)
+        raw = new_master.client()
+
+        def entries():
+            return sum(1 for k in raw.keys("s:*") if not k.endswith(b":lease"))
+        baseline = entries()   # what replication already brought over
+        deadline = time.monotonic() + 15
+        n, landed = 0, None
+        while time.monotonic() < deadline and landed is None:
+            token = f"tok-after-failover-{n}"
+            n += 1
+            r = a.request(ia, "GET", "/", headers=bearer(token))
+            assert r.status == 200 and r.kong_error is None   # no request fails meanwhile
+            if entries() > baseline:
+                landed = token
+            time.sleep(0.1)
+        assert landed, "the plugin did not write to the new master"
+        calls = len(idp.calls)
+        assert b.request(ib, "GET", "/", headers=bearer(landed)).status == 200
+        assert len(idp.calls) == calls     # node B read it from the new master
