@@ -231,15 +231,16 @@ def sequential(kong, inst, tokens, errors):
     return lat, calls
 
 
-def concurrent(kong, inst, tokens, threads, errors):
-    """All tokens, split over `threads` threads; returns (wall seconds, latencies)."""
-    lat = [None] * len(tokens)
+def released_together(n, threads, request):
+    """Requests 0..n-1 (``request(k)`` returns its latency) over ``threads`` threads
+    released at once by a barrier; returns (wall seconds, latencies)."""
+    lat = [None] * n
     barrier = threading.Barrier(threads + 1)
 
     def work(j):
         barrier.wait()
-        for k in range(j, len(tokens), threads):
-            lat[k] = one(kong, inst, tokens[k], errors)[0]
+        for k in range(j, n, threads):
+            lat[k] = request(k)
 
     ts = [threading.Thread(target=work, args=(j,), daemon=True) for j in range(threads)]
     for t in ts:
@@ -249,6 +250,12 @@ def concurrent(kong, inst, tokens, threads, errors):
     for t in ts:
         t.join()
     return time.perf_counter() - t0, [x for x in lat if x is not None]
+
+
+def concurrent(kong, inst, tokens, threads, errors):
+    """All tokens, split over `threads` threads; returns (wall seconds, latencies)."""
+    return released_together(len(tokens), threads,
+                             lambda k: one(kong, inst, tokens[k], errors)[0])
 
 
 # --------------------------------------------------------------------------
@@ -334,23 +341,12 @@ def burst(kongs, insts, tokens, n, conc):
     """n requests, token (k//2) % len(tokens), process k % len(kongs), conc threads
     released together: the two requests for a token's first appearance run at once."""
     errors = Errors()
-    lat = [None] * n
-    barrier = threading.Barrier(conc + 1)
 
-    def work(j):
-        barrier.wait()
-        for k in range(j, n, conc):
-            p = k % len(kongs)
-            lat[k] = one(kongs[p], insts[p], tokens[(k // 2) % len(tokens)], errors)[0]
-
-    ts = [threading.Thread(target=work, args=(j,), daemon=True) for j in range(conc)]
-    for t in ts:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in ts:
-        t.join()
-    return time.perf_counter() - t0, [x for x in lat if x is not None], errors
+    def request(k):
+        p = k % len(kongs)
+        return one(kongs[p], insts[p], tokens[(k // 2) % len(tokens)], errors)[0]
+    wall, lat = released_together(n, conc, request)
+    return wall, lat, errors
 
 
 def table_b(idp, redis, args, stack):
