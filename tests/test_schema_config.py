@@ -70,7 +70,7 @@ def test_typed_config_converts_units_and_names():
                              custom_introspection_headers={"x_tenant_id": "t1"},
                              forward_headers={"Group": "grp", "Name": "user.name"}))
     assert conf.timeout == 2.5 and conf.keepalive == 0
-    assert conf.custom_introspection_headers == (("x-tenant-id", "t1"),)
+    assert [(n, t.text) for n, t in conf.custom_introspection_headers] == [("x-tenant-id", "t1")]
     assert dict(conf.forward_headers) == {"Group": ("grp",), "Name": ("user", "name")}
     assert "group" in conf.owned_headers and "x-consumer-id" in conf.owned_headers
     assert "Basic abc" not in repr(conf)

@@ -194,7 +194,3 @@ class TokenCache:
             if entry is not None:
                 return entry
         return None
-
-    def close(self):
-        if self.store is not None:
-            self.store.close()

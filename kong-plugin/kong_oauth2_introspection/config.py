@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from . import claims as claims_language
 from . import schema
+from .templates import Template, TemplateError
 
 # RFC 7230 token: what a header name may be.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -56,7 +57,7 @@ class Config:
     run_on_preflight: bool = True
     anonymous: str = ""
     consumer_by: str = "username"
-    custom_introspection_headers: Tuple[Tuple[str, str], ...] = ()
+    custom_introspection_headers: Tuple[Tuple[str, Template], ...] = ()  # dashed names
     custom_claims_forward: Tuple[str, ...] = ()
     token_source: TokenSource = TokenSource()
     claims: Optional[Any] = None   # a compiled claims expression
@@ -85,8 +86,13 @@ class Config:
         if url.scheme.lower() not in ("http", "https") or not url.hostname:
             raise ConfigError("config.introspection_url", "must be an http(s) URL with a host")
 
-        for name in c["custom_introspection_headers"]:
+        introspection_headers = []
+        for name, value in sorted(c["custom_introspection_headers"].items()):
             _header_name("config.custom_introspection_headers", name)
+            try:
+                introspection_headers.append((name.replace("_", "-"), Template(value)))
+            except TemplateError as err:
+                raise ConfigError("config.custom_introspection_headers", str(err)) from None
 
         expression = None
         if c["claims"] and c["claims"].strip():
@@ -137,9 +143,7 @@ class Config:
             run_on_preflight=c["run_on_preflight"] is not False,
             anonymous=c["anonymous"] or "",
             consumer_by=c["consumer_by"],
-            custom_introspection_headers=tuple(
-                (name.replace("_", "-"), value)
-                for name, value in sorted(c["custom_introspection_headers"].items())),
+            custom_introspection_headers=tuple(introspection_headers),
             custom_claims_forward=claims_forward,
             token_source=source,
             claims=expression,

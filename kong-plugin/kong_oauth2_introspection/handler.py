@@ -22,12 +22,11 @@ from .introspection import IntrospectionError, Introspector
 from .request import IncomingRequest
 from .responses import Refusal
 from .store import RedisStore
-from .templates import TemplateError, compile_headers
 from .tokens import MalformedToken, TokenFinder, without_cookie
 from .upstream import consumer_headers, credential_headers, drop_spoofed, header_value
 
 LOG_PREFIX = NAME + ": "
-_RUNTIMES: LRUCache = LRUCache(maxsize=256)
+# Guards both registries below; re-entered when a new runtime looks up its cache.
 _RUNTIMES_LOCK = threading.RLock()
 
 
@@ -53,9 +52,9 @@ class Runtime:
     def __init__(self, conf: Config, log):
         self.conf = conf
         self.tokens = TokenFinder(conf.token_source)
-        self.templates = compile_headers(conf.custom_introspection_headers)
-        self.static_headers = {n: t.text for n, t in self.templates if t.plain}
-        self.dynamic_headers = tuple((n, t) for n, t in self.templates if not t.plain)
+        templates = conf.custom_introspection_headers
+        self.static_headers = {n: t.text for n, t in templates if t.plain}
+        self.dynamic_headers = tuple((n, t) for n, t in templates if not t.plain)
         self.introspector = Introspector(conf, log)
         self.introspector.headers.update(self.static_headers)
         self.consumers = ConsumerFinder(conf.consumer_by)
@@ -63,9 +62,6 @@ class Runtime:
         self.policy = Policy(ttl=conf.ttl, negative_ttl=conf.negative_ttl,
                              stale_if_error=conf.stale_if_error,
                              wait=conf.timeout * (conf.max_retries + 1))
-
-    def close(self):
-        self.introspector.close()
 
 
 # Configs that ask the same IdP as the same client (and share a store) share one
@@ -86,9 +82,10 @@ def _shared_cache(conf: Config, static_headers, log) -> TokenCache:
     return cache
 
 
-# Instances with the same config share one runtime (and so one cache). In kong-pdk's
+# Instances with the same config share one runtime. In kong-pdk's
 # multiprocessing mode the Plugin is pickled for every event; the registry makes each
 # worker process build a runtime once per config, not once per request.
+_RUNTIMES: LRUCache = LRUCache(maxsize=256)
 
 
 def _runtime_for(raw: Any):
@@ -104,8 +101,6 @@ def _runtime_for(raw: Any):
                 runtime = Runtime(Config.parse(conf_only), log)
             except ConfigError as err:
                 runtime = err
-            except TemplateError as err:
-                runtime = ConfigError("config.custom_introspection_headers", str(err))
             except Exception as err:  # noqa: BLE001 - e.g. unreadable PEM; its text may hold secrets
                 runtime = ConfigError("config", "cannot be used (%s)" % type(err).__name__)
             if isinstance(runtime, ConfigError):

@@ -137,8 +137,3 @@ class Introspector:
             self._last_used = now
         if self.keepalive > 0 and idle > self.keepalive:
             self._adapter.poolmanager.clear()
-
-    def close(self):
-        self.session.close()
-        if self._files:
-            shutil.rmtree(self._files["folder"], ignore_errors=True)

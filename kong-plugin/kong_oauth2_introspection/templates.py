@@ -6,7 +6,7 @@ text; a value without ``{{`` stays a plain string.
 """
 
 import re
-from typing import Callable, List, Tuple, Union
+from typing import Callable, List, Union
 
 from .request import IncomingRequest
 
@@ -48,6 +48,3 @@ class Template:
         out = "".join(p if isinstance(p, str) else p(req) for p in self.parts)
         return _CONTROL.sub(" ", out)  # a header value never carries CR or LF
 
-
-def compile_headers(headers: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[str, Template], ...]:
-    return tuple((name, Template(value)) for name, value in headers)
