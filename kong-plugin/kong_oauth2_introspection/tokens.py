@@ -10,6 +10,7 @@ Traefik sources (``token_source`` set): only the named header, query
 parameter and cookie, in that order.
 """
 
+import re
 from typing import NamedTuple, Optional
 
 from .config import TokenSource
@@ -17,6 +18,8 @@ from .request import IncomingRequest
 
 MAX_TOKEN_LENGTH = 8192
 ACCESS_TOKEN = "access_token"
+# Visible ASCII only: covers RFC 6750's b64token and every opaque token in use.
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _BODY_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "application/json")
 
 
@@ -35,8 +38,7 @@ def _checked(token) -> str:
         raise MalformedToken("not a string")
     if len(token) > MAX_TOKEN_LENGTH:
         raise MalformedToken("longer than %d bytes" % MAX_TOKEN_LENGTH)
-    # Visible ASCII only: covers RFC 6750's b64token and every opaque token in use.
-    if not all("\x21" <= ch <= "\x7e" for ch in token):
+    if not _VISIBLE_ASCII.fullmatch(token):
         raise MalformedToken("characters outside visible ASCII")
     return token
 
