@@ -18,7 +18,7 @@ if ((${#missing[@]})); then
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check '.[test]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 npm ci --prefix tests/authserver --no-audit --no-fund --loglevel=error
 
 exec .venv/bin/python -m pytest "$@"

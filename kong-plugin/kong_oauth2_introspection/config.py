@@ -74,7 +74,8 @@ class Config:
 
     @classmethod
     def parse(cls, raw: Any) -> "Config":
-        conf, violations = schema.validate(raw)
+        # Kong validated ``raw`` already and added keys of its own: ignore those.
+        conf, violations = schema.validate(raw, strict=False)
         if violations:
             first = violations[0]
             raise ConfigError(first.path, first.message)

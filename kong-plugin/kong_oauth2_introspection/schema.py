@@ -75,8 +75,9 @@ _TYPES = {
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
     or (isinstance(v, float) and v.is_integer()),
-    "map": lambda v: isinstance(v, dict),
-    "record": lambda v: isinstance(v, dict),
+    # An empty Lua table has no type: Kong may send an empty map or record as [].
+    "map": lambda v: isinstance(v, dict) or v == [],
+    "record": lambda v: isinstance(v, dict) or v == [],
     # Lua's cjson encodes an empty table as {}: an empty set may arrive as a map.
     "set": lambda v: isinstance(v, list) or v == {},
     "array": lambda v: isinstance(v, list) or v == {},
@@ -107,25 +108,27 @@ def _shown(spec, value):
     return "(hidden)" if spec.get("referenceable") else repr(value)
 
 
-def _check(spec, value, path, errors):
+def _check(spec, value, path, errors, strict):
     kind = spec["type"]
     if not _TYPES[kind](value):
         errors.append(Violation(path, f"expected a {kind}"))
         return value
+    if kind in ("map", "record") and value == []:
+        value = {}
     if kind == "record":
-        return _fill(spec["fields"], value, path, errors)
+        return _fill(spec["fields"], value, path, errors, strict)
     if kind in ("set", "array"):
         items = [] if value == {} else list(value)
         if kind == "set":
             items = list(dict.fromkeys(json.dumps(i, sort_keys=True) for i in items))
             items = [json.loads(i) for i in items]
-        return [_check(spec["elements"], item, f"{path}[{n + 1}]", errors)
+        return [_check(spec["elements"], item, f"{path}[{n + 1}]", errors, strict)
                 for n, item in enumerate(items)]
     if kind == "map":
         out = {}
         for key, item in value.items():
-            _check(spec["keys"], key, f"{path}.{key}", errors)
-            out[key] = _check(spec["values"], item, f"{path}.{key}", errors)
+            _check(spec["keys"], key, f"{path}.{key}", errors, strict)
+            out[key] = _check(spec["values"], item, f"{path}.{key}", errors, strict)
         return out
     if kind == "integer":
         value = int(value)
@@ -133,7 +136,7 @@ def _check(spec, value, path, errors):
     return value
 
 
-def _fill(fields, config, path, errors):
+def _fill(fields, config, path, errors, strict):
     known = set()
     out = {}
     for entry in fields:
@@ -150,24 +153,38 @@ def _fill(fields, config, path, errors):
                 errors.append(Violation(where, "required field missing"))
             out[name] = None
             continue
-        out[name] = _check(spec, value, where, errors)
-    for name in config:
-        # Kong adds keys of its own (__seq__, __plugin_id, ...) before StartInstance.
-        if name not in known and not name.startswith("__"):
-            errors.append(Violation(f"{path}.{name}" if path else name, "unknown field"))
+        out[name] = _check(spec, value, where, errors, strict)
+    if strict:
+        for name in config:
+            if name not in known:
+                errors.append(Violation(f"{path}.{name}" if path else name, "unknown field"))
     return out
 
 
-def validate(config: Any, path: str = "config") -> Tuple[Dict[str, Any], List[Violation]]:
+def validate(config: Any, path: str = "config",
+             strict: bool = True) -> Tuple[Dict[str, Any], List[Violation]]:
     """Check ``config`` against the schema the way Kong does and fill in defaults.
 
     Returns the normalized config (every field present, ``None`` where unset)
     and the list of violations (empty when Kong would accept it).
+
+    ``strict`` reports keys the schema does not declare: right for a user's file
+    (typos), wrong for what Kong sends, which adds ``route_id``, ``service_id``,
+    ``consumer_id``, ``plugin_instance_name`` and ``__*`` keys of its own.
     """
     if not isinstance(config, dict):
         return {}, [Violation(path, "expected a record")]
     errors: List[Violation] = []
-    return _fill(FIELDS, config, path, errors), errors
+    return _fill(FIELDS, config, path, errors, strict), errors
+
+
+def from_kong(config: Any) -> Dict[str, Any]:
+    """The plugin's own fields of a config Kong sent, nothing else: the identity
+    runtimes are shared by, whatever keys Kong adds around them."""
+    if not isinstance(config, dict):
+        return {}
+    names = {name for entry in FIELDS for name in entry}
+    return {k: v for k, v in config.items() if k in names}
 
 
 def _rows(fields, prefix=""):
