@@ -1,0 +1,144 @@
+"""The Kong-side guard: a Lua chunk for Kong's bundled ``post-function`` plugin.
+
+Kong OSS lets a request through, unauthenticated, when the plugin server cannot
+be reached, closes the connection or stays silent for 60 s. The guard runs in
+Kong's own Lua after our plugin (post-function's priority is -1000, ours 1700)
+and answers 503 to any request that carries neither the credential nor the
+consumer our plugin sets with ``kong.client.authenticate`` on every path that
+lets a request through. The one path that lets a request through without
+authenticating, a preflight (OPTIONS) when ``run_on_preflight`` is false, is
+rendered into the chunk per plugin config.
+
+Only one post-function instance runs per request (the most specific of route,
+service and global), so the guard must sit on every scope where our plugin or
+another post-function sits; ``problems`` finds the scopes of a declarative
+config where it is missing.
+"""
+
+import argparse
+import json
+import sys
+from importlib import resources
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import yaml
+
+from . import NAME
+
+POST_FUNCTION = "post-function"
+_SWITCH = "local run_on_preflight = true\n"
+
+
+def _template() -> str:
+    return (resources.files(__package__) / "guard.lua").read_text(encoding="utf-8")
+
+
+def render(run_on_preflight: bool) -> str:
+    """The guard's Lua chunk for a plugin config with this ``run_on_preflight``."""
+    text = _template()
+    if text.count(_SWITCH) != 1:
+        raise RuntimeError("guard.lua lost its run_on_preflight line")
+    value = "true" if run_on_preflight else "false"
+    return text.replace(_SWITCH, f"local run_on_preflight = {value}\n")
+
+
+def run_on_preflight_of(plugin_config: Optional[Dict[str, Any]]) -> bool:
+    # The schema's default is true; only an explicit false turns it off.
+    return (plugin_config or {}).get("run_on_preflight") is not False
+
+
+def post_function_entry(plugin_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """A declarative-config plugin entry holding the guard for ``plugin_config``."""
+    return {"name": POST_FUNCTION,
+            "config": {"access": [render(run_on_preflight_of(plugin_config))]}}
+
+
+# --- Checking a declarative config ------------------------------------------
+
+def _plugins(scope: Dict[str, Any], name: str) -> List[Dict[str, Any]]:
+    return [p for p in scope.get("plugins") or []
+            if isinstance(p, dict) and p.get("name") == name]
+
+
+def _scopes(doc: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any], Optional[Dict[str, Any]]]]:
+    """(path, scope, the scope our plugin falls back to) for global, services, routes."""
+    yield "", doc, None
+    for i, service in enumerate(doc.get("services") or []):
+        if not isinstance(service, dict):
+            continue
+        yield f"services[{i}].", service, doc
+        for j, route in enumerate(service.get("routes") or []):
+            if isinstance(route, dict):
+                yield f"services[{i}].routes[{j}].", route, service
+    for i, route in enumerate(doc.get("routes") or []):
+        if isinstance(route, dict):
+            yield f"routes[{i}].", route, doc
+
+
+def problems(doc: Any) -> List[str]:
+    """Scopes where our plugin applies but a post-function without its guard runs.
+
+    Kong picks the most specific post-function, so a route's own post-function
+    replaces the service's guard: it must carry the guard too. The guard must
+    match the ``run_on_preflight`` of the plugin config that applies there.
+    Plugins scoped by reference (a top-level ``plugins`` entry naming a
+    ``service`` or ``route``) and consumer scopes are not followed.
+    """
+    if not isinstance(doc, dict):
+        return []
+    found = []
+    parents: Dict[int, Dict[str, Any]] = {}
+    for path, scope, parent in _scopes(doc):
+        ours = _plugins(scope, NAME)
+        inherited = parents.get(id(parent)) if parent is not None else None
+        config = ours[0].get("config") if ours else inherited
+        if ours or inherited is not None:
+            parents[id(scope)] = config or {}
+        else:
+            continue
+        guard = render(run_on_preflight_of(config))
+        functions = _plugins(scope, POST_FUNCTION)
+        if not functions and not ours:
+            continue  # the guard of the less specific scope runs here
+        if not any(guard in ((p.get("config") or {}).get("access") or []) for p in functions):
+            found.append(f"{path}plugins: {NAME} applies here without the post-function guard "
+                         f"(run_on_preflight={str(run_on_preflight_of(config)).lower()})")
+    return found
+
+
+# --- Command line ------------------------------------------------------------
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings as YAML literal blocks, so the Lua stays readable."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str)
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kong-oauth2-introspection guard",
+        description="Print the post-function plugin entry that refuses (503) every request "
+                    "the oauth2-introspection plugin did not decide. Put it on the same "
+                    "scope as the plugin.")
+    parser.add_argument("--no-preflight", action="store_true",
+                        help="for a plugin with run_on_preflight: false (OPTIONS pass unchecked)")
+    parser.add_argument("--format", choices=("yaml", "json"), default="yaml",
+                        help="yaml: an item for a declarative config's plugins list; "
+                             "json: a body for the Admin API's POST .../plugins")
+    args = parser.parse_args(list(argv))
+    entry = post_function_entry({"run_on_preflight": not args.no_preflight})
+    if args.format == "json":
+        sys.stdout.write(json.dumps(entry, indent=2) + "\n")
+    else:
+        sys.stdout.write(yaml.dump([entry], Dumper=_BlockDumper, sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
