@@ -10,19 +10,20 @@ import copy
 import json
 import re
 from importlib import resources
-from typing import Any, Dict, List, NamedTuple, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 # Keys of ours in the JSON file, for documentation only: Kong never sees them.
 DOC_KEYS = frozenset({"description", "traefik", "origin"})
 
 
-def _load() -> Dict[str, Any]:
+def load(name: str = "oauth2-introspection") -> Dict[str, Any]:
+    """The schema file ``schema/NAME.json`` (one per plugin the package serves)."""
     text = (resources.files("kong_oauth2_introspection.schemadata")
-            .joinpath("oauth2-introspection.json").read_text(encoding="utf-8"))
+            .joinpath(name + ".json").read_text(encoding="utf-8"))
     return json.loads(text)
 
 
-SCHEMA = _load()
+SCHEMA = load()
 FIELDS: List[Dict[str, Any]] = SCHEMA["fields"]
 
 
@@ -37,9 +38,9 @@ def _strip_docs(fields):
     return out
 
 
-def kong_fields() -> List[Dict[str, Any]]:
+def kong_fields(fields: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
     """The config fields as Kong's schema engine takes them."""
-    return _strip_docs(FIELDS)
+    return _strip_docs(FIELDS if fields is None else fields)
 
 
 class Violation(NamedTuple):
@@ -161,8 +162,9 @@ def _fill(fields, config, path, errors, strict):
     return out
 
 
-def validate(config: Any, path: str = "config",
-             strict: bool = True) -> Tuple[Dict[str, Any], List[Violation]]:
+def validate(config: Any, path: str = "config", strict: bool = True,
+             fields: Optional[List[Dict[str, Any]]] = None
+             ) -> Tuple[Dict[str, Any], List[Violation]]:
     """Check ``config`` against the schema the way Kong does and fill in defaults.
 
     Returns the normalized config (every field present, ``None`` where unset)
@@ -175,7 +177,7 @@ def validate(config: Any, path: str = "config",
     if not isinstance(config, dict):
         return {}, [Violation(path, "expected a record")]
     errors: List[Violation] = []
-    return _fill(FIELDS, config, path, errors, strict), errors
+    return _fill(FIELDS if fields is None else fields, config, path, errors, strict), errors
 
 
 def from_kong(config: Any) -> Dict[str, Any]:
@@ -206,11 +208,11 @@ def _type_text(spec):
     return kind
 
 
-def markdown_table() -> str:
+def markdown_table(fields: Optional[List[Dict[str, Any]]] = None) -> str:
     """The README's option table, generated from the schema."""
     lines = ["| option | type | default | Traefik Hub | description |",
              "|---|---|---|---|---|"]
-    for name, spec in _rows(FIELDS):
+    for name, spec in _rows(FIELDS if fields is None else fields):
         default = json.dumps(spec["default"]) if "default" in spec else ""
         if spec.get("required") and "default" not in spec:
             default = "*required*"
