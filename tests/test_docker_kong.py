@@ -1,5 +1,6 @@
 """The plugin inside a real Kong: docker/Dockerfile, docker/docker-compose.yml,
-kong.yml and docker/keycloak/realm.json, end to end.
+kong.yml and docker/keycloak/realm.json, end to end, the fail-closed guard and
+the Redis token cache included.
 
 Needs a Docker engine (and the compose plugin). Without one, the whole module
 is skipped with the reason. With one, it builds the image with the Docker SDK,
@@ -37,8 +38,25 @@ READY_TIMEOUT = 240
 DOWN_TIMEOUT = 120
 HTTP_TIMEOUT = 15
 
-# Test-only credentials from docker/keycloak/realm.json.
+# Test-only credentials from docker/keycloak/realm.json, docker-compose.yml, kong.yml.
 CLIENTS = {"alice-app": "alice-secret", "bob-app": "bob-secret"}
+REDIS_PASSWORD = "kong-redis-test-password"
+GUARD_BODY = {"message": "authentication unavailable"}
+KONG_SILENCE = 60   # seconds Kong waits for a plugin server's answer
+
+# Signals every process of the plugin server in the kong container (the venv's
+# Python is the only interpreter there; the image has no pkill).
+_SIGNAL_SERVER = """
+import os, sys
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv = open("/proc/%s/cmdline" % pid, "rb").read().split(b"\\0")
+    except OSError:
+        continue
+    if b"serve" in argv and any(a.endswith(b"/kong-oauth2-introspection") for a in argv):
+        os.kill(int(pid), int(sys.argv[1]))
+        print(pid)
+"""
 
 
 def _skip_module(reason):
@@ -192,6 +210,26 @@ class Stack:
                     pytest.fail("%s not ready within %ds\n%s" % (name, READY_TIMEOUT, self.logs()))
                 time.sleep(2)
 
+    def exec(self, service, *cmd):
+        return self.compose("exec", "-T", service, *cmd, timeout=60).stdout
+
+    def signal_server(self, signum):
+        """Send ``signum`` to the plugin server; the pids it reached."""
+        out = self.exec("kong", "/opt/kong-oauth2-introspection/bin/python", "-c",
+                        _SIGNAL_SERVER, str(int(signum)))
+        return out.split()
+
+    def wait_plugin_answers(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.get("/echo").status_code == 401:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        pytest.fail("the plugin did not answer again within %ds\n%s" % (timeout, self.logs()))
+
     def token(self, client_id):
         r = self.http.post(self.keycloak + "/realms/kong/protocol/openid-connect/token",
                            data={"grant_type": "client_credentials"},
@@ -227,8 +265,10 @@ def upstream_headers(response):
 # --- Admin API -----------------------------------------------------------
 
 def test_plugin_is_loaded_and_configured(stack):
-    root = stack.http.get(stack.admin + "/", timeout=HTTP_TIMEOUT).json()
-    assert PLUGIN in root["plugins"]["available_on_server"]
+    # Not `GET /`: Kong 3.9 answers it 500 while a start_cmd plugin server runs
+    # (Kong/kong#14260). The plugin's schema is served only when it is loaded.
+    r = stack.http.get(stack.admin + "/schemas/plugins/" + PLUGIN, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200, r.text
 
     plugins = stack.http.get(stack.admin + "/plugins", timeout=HTTP_TIMEOUT).json()["data"]
     ours = [p for p in plugins if p["name"] == PLUGIN]
@@ -237,6 +277,13 @@ def test_plugin_is_loaded_and_configured(stack):
     assert by_consumer == ["client_id", "username"]
     for p in ours:
         assert p["config"]["introspection_url"].startswith(REALM_ISSUER + "/")
+
+    # The guard sits on the same two scopes, as guard.py renders it.
+    from kong_oauth2_introspection.guard import render
+    guards = [p for p in plugins if p["name"] == "post-function"]
+    assert sorted((p["service"] or {}).get("id") is not None for p in guards) == [False, True]
+    for p in guards:
+        assert p["config"]["access"] == [render(True)]
 
 
 def test_schema_served_and_enforced(stack):
@@ -314,6 +361,56 @@ def test_spoofed_identity_headers_never_reach_upstream(stack):
     assert up.get("x-credential-scope") != "admin"
     # Without a token the request stops at Kong.
     assert stack.get("/echo", headers=spoofed).status_code == 401
+
+
+def test_answers_are_shared_through_redis_encrypted(stack):
+    token = stack.token("alice-app")
+    assert stack.get("/echo", token=token).status_code == 200
+    cli = ("redis", "redis-cli", "-a", REDIS_PASSWORD, "--no-auth-warning")
+    keys = [k for k in stack.exec(*cli, "--scan").split() if not k.endswith(":lease")]
+    assert keys, "no entry in Redis after an introspection"
+    for key in keys:
+        assert token not in key   # keys are HMACs of the token
+    # --no-raw prints the value escaped (ASCII), as it is stored.
+    value = stack.exec(*cli, "--no-raw", "GET", keys[0])
+    assert value.strip() not in ("", "(nil)")
+    assert "alice" not in value and "client_id" not in value   # store.secret: AES-GCM
+
+
+# --- The guard: a dead or hung plugin server never lets a request through ----
+
+def test_killed_server_gives_503_not_the_upstream(stack):
+    import signal
+    statuses = []
+    for _ in range(20):
+        assert stack.signal_server(signal.SIGKILL), "no plugin server process found"
+        # Ask before Kong's respawn (at most once a second) has a server listening.
+        r = stack.get("/echo", headers={"X-Consumer-ID": "evil"})
+        statuses.append(r.status_code)
+        assert r.status_code != 200, "reached the upstream unauthenticated: %s" % r.text
+        if r.status_code == 503:
+            assert r.json() == GUARD_BODY
+            break
+    assert 503 in statuses, "never caught the server down: %s" % statuses
+    stack.wait_plugin_answers()
+    up = upstream_headers(stack.get("/echo", token=stack.token("alice-app")))
+    assert up["x-consumer-username"] == "alice"   # healthy traffic passes again
+
+
+def test_hung_server_gives_503_after_kongs_wait(stack):
+    import signal
+    assert stack.signal_server(signal.SIGSTOP), "no plugin server process found"
+    try:
+        started = time.monotonic()
+        r = stack.http.get(stack.proxy + "/echo", headers={"X-Consumer-ID": "evil"},
+                           timeout=KONG_SILENCE + 30)
+        waited = time.monotonic() - started
+    finally:
+        stack.signal_server(signal.SIGCONT)
+    assert r.status_code == 503, "hung server: %d %s" % (r.status_code, r.text)
+    assert r.json() == GUARD_BODY
+    assert waited >= KONG_SILENCE - 5   # Kong's own wait, then the guard
+    stack.wait_plugin_answers()
 
 
 # --- Declarative config through the Admin API (last: it reloads Kong) ----
