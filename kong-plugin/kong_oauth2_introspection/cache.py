@@ -4,25 +4,57 @@ Two levels: a bounded in-process LRU, and optionally a Redis store shared by
 every Kong node. Only the IdP's answer is kept, never a decision: whatever a
 config checks is checked again on every request.
 
-A concurrent miss is asked once: within a process the first caller asks and
-the others wait for its answer (single flight); across processes and nodes a
-short Redis lease lets one caller ask while the others poll the store.
+A concurrent miss is asked once, by one leader, and every other caller (in
+this process or another sharing the Redis) waits for it on one protocol:
+
+- in a process, the first caller of a key leads and the others wait on its
+  ``Flight``;
+- across processes, that leader takes a Redis lease (``store.try_lease``); a
+  process that finds the lease taken waits until the holder announces how it
+  ended, at most as long as the lease has left, and is woken by the
+  announcement (Redis pub/sub, see ``store.py``), never by polling;
+- how it ended decides what a waiter does: an answer that was stored is
+  returned (it travels in the announcement, so no extra read); an inactive
+  answer is returned as inactive; a ``no-store`` answer is not shared, so the
+  waiter asks the IdP itself; a failure is shared (the waiter serves its own
+  ``stale_if_error`` entry if its config allows, else fails as the leader
+  did); a lease that expires unannounced (the leader died) is taken over.
+
+Every wait spends from the request's deadline (``concurrency.current_deadline``;
+without one, from ``Policy.wait``), and DeadlineExceeded is raised when it runs
+out. A waiter never fails for having waited: when the wait bound (not the
+deadline) runs out it asks the IdP itself.
+
+Announcements also carry stored answers to every process, which keep them in
+their in-process level: an answer fetched on one node is a local hit on every
+other. Purges (``purge.py``) travel on the same channel. While the channel is
+down a process cannot hear purges, so it empties its in-process level whenever
+the subscription is lost or made again.
+
+Announcement format, on channel ``<key_prefix>oauth2-introspection``, JSON:
+``{"v": 1, "op": "done", "from": <process id>, "key": <cache key>,
+"outcome": "stored" | "inactive" | "nostore" | "failed", "value": <base64 of the
+value as stored in Redis, "stored" only>}``.
 """
 
+import base64
 import hashlib
 import hmac
 import json
 import math
+import os
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from cachetools import TLRUCache
 
+from .concurrency import Deadline, DeadlineExceeded, current_deadline, deadline_scope
 from .introspection import Answer, IntrospectionError
 
-_POLL_INTERVAL = 0.01
+STORED, INACTIVE, NOSTORE, FAILED = "stored", "inactive", "nostore", "failed"
+_LEASE_MARGIN = 0.5   # a lease outlives its holder's own bound by this much
 _MAX_STORE_TTL = 366 * 86400  # ttl 0 and no exp: keep, but not forever
 
 
@@ -79,12 +111,39 @@ def _expiry(claims) -> Optional[float]:
 
 
 class Flight:
-    """One outstanding fetch that other callers wait for."""
+    """One outstanding fetch in this process that other callers wait for."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.done = threading.Event()
+        self.entry: Optional[Entry] = None        # shareable result
+        self.error: Optional[Exception] = None    # the leader's failure
+
+
+class _Waiter:
+    """A process waiting for another process's announcement about one key."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.outcome: Optional[str] = None
         self.entry: Optional[Entry] = None
-        self.error: Optional[Exception] = None
+
+
+def cache_identity(conf, static_headers) -> bytes:
+    """What makes the IdP's answer differ: configs with equal identities share a cache.
+
+    The purge command derives cache keys from it, so the plugin and the command
+    must use this one function.
+    """
+    return json.dumps([conf.introspection_url, conf.authorization_value,
+                       conf.token_type_hint, static_headers, conf.store],
+                      sort_keys=True, default=str).encode()
+
+
+def _wait_bound(policy: Policy, deadline: Optional[Deadline]) -> float:
+    """Seconds a wait may take now; raises DeadlineExceeded when none are left."""
+    if deadline is None:
+        return policy.wait
+    return deadline.timeout(policy.wait)
 
 
 class TokenCache:
@@ -96,10 +155,14 @@ class TokenCache:
         self.clock = clock
         # HMAC key: a key reveals nothing about the token to whoever reads the store.
         self._hmac_key = hashlib.sha256(b"oauth2-introspection/cache\0" + key_material).digest()
-        self._local = TLRUCache(maxsize=maxsize, ttu=lambda _k, e, _now: e.evict_at,
+        self._local: TLRUCache = TLRUCache(maxsize=maxsize, ttu=lambda _k, e, _now: e.evict_at,
                                 timer=clock)
         self._lock = threading.Lock()
         self._flights: Dict[str, Flight] = {}
+        self._waiters: Dict[str, List[_Waiter]] = {}
+        self._id = os.urandom(8).hex()   # tells our own announcements apart
+        if store is not None and hasattr(store, "add_listener"):
+            store.add_listener(self._on_message)
 
     def key(self, token: str, context: str = "") -> str:
         """The cache key of a token (and of what else the IdP was told, if anything)."""
@@ -110,11 +173,27 @@ class TokenCache:
         """A stable, UUID-shaped id for the credential behind a token."""
         return str(uuid.UUID(bytes=hashlib.sha256(b"credential\0" + key.encode()).digest()[:16]))
 
-    def get(self, key: str, fetch: Callable[[], Answer], policy: Policy) -> Entry:
+    def peek(self, key: str, policy: Policy) -> Optional[Entry]:
+        """The in-process entry for ``key`` if it is fresh for ``policy``; no I/O, no waits."""
+        with self._lock:
+            entry = self._local.get(key)
+        if entry is not None and policy.fresh_until(entry) > self.clock():
+            return entry
+        return None
+
+    def get(self, key: str, fetch: Callable[[], Answer], policy: Policy, *,
+            breaker=None, deadline: Optional[Deadline] = None) -> Entry:
         """The entry for ``key``, asking ``fetch`` (the IdP) only when needed.
 
-        Raises IntrospectionError when the IdP fails and nothing may be served.
+        Raises IntrospectionError when the IdP fails (or ``breaker`` is open) and
+        nothing may be served, DeadlineExceeded when the request's time is up.
         """
+        if deadline is not None and deadline is not current_deadline():
+            with deadline_scope(deadline):
+                return self._get(key, fetch, policy, breaker, deadline)
+        return self._get(key, fetch, policy, breaker, current_deadline())
+
+    def _get(self, key, fetch, policy, breaker, deadline) -> Entry:
         now = self.clock()
         with self._lock:
             entry = self._local.get(key)
@@ -124,16 +203,23 @@ class TokenCache:
             leader = flight is None
             if leader:
                 flight = self._flights[key] = Flight()
+        assert flight is not None
         if not leader:
-            if not flight.done.wait(policy.wait):
-                raise IntrospectionError("gave up waiting for a concurrent introspection")
-            if flight.error is not None:
-                raise flight.error
-            return flight.entry
+            if flight.done.wait(_wait_bound(policy, deadline)):
+                if flight.entry is not None:
+                    return flight.entry
+                if flight.error is not None:
+                    return self._failed(flight.error, entry, policy)
+            elif deadline is not None:
+                deadline.timeout()  # raises when the deadline (not the bound) ran out
+            # A no-store answer, or a leader slower than its own bound: ask ourselves.
+            return self._fetch(key, fetch, policy, entry, breaker, leased=False)[0]
         try:
-            flight.entry = self._lead(key, fetch, policy, entry)
-            return flight.entry
-        except Exception as err:
+            result, shareable = self._lead(key, fetch, policy, entry, breaker, deadline)
+            if shareable:
+                flight.entry = result
+            return result
+        except IntrospectionError as err:
             flight.error = err
             raise
         finally:
@@ -141,40 +227,117 @@ class TokenCache:
                 self._flights.pop(key, None)
             flight.done.set()
 
-    def _lead(self, key: str, fetch, policy: Policy, stale: Optional[Entry]) -> Entry:
+    def _lead(self, key, fetch, policy, stale, breaker, deadline) -> Tuple[Entry, bool]:
         store = self.store
-        leased = False
-        if store is not None:
-            shared = self._from_store(key, policy)
-            if shared is not None:
-                return shared
-            leased = store.lease(key, max(1, int(policy.wait * 1000)))
-            # Check again once leased: the previous holder may have written the entry
-            # and released the lease between our first look and our lease.
-            shared = self._from_store(key, policy) if leased else self._await_store(key, policy)
-            if shared is not None:
-                if leased:
-                    store.release(key)
-                return shared
+        if store is None:
+            return self._fetch(key, fetch, policy, stale, breaker, leased=False)
+        shared = self._from_store(key, policy)
+        if shared is not None:
+            return shared, True
+        waiter = _Waiter()
+        with self._lock:
+            self._waiters.setdefault(key, []).append(waiter)
+        try:
+            # Registered before trying the lease: an announcement sent after our try
+            # reaches us, and a holder that finished before it has released the lease.
+            bound = time.monotonic() + _wait_bound(policy, deadline)
+            while True:
+                lease_s = policy.wait if deadline is None else min(policy.wait,
+                                                                   deadline.remaining())
+                held = store.try_lease(key, int((lease_s + _LEASE_MARGIN) * 1000))
+                if held == 0.0:
+                    break
+                left = bound - time.monotonic()
+                if left <= 0:
+                    if deadline is not None:
+                        deadline.timeout()
+                    return self._fetch(key, fetch, policy, stale, breaker, leased=False)
+                if deadline is not None:
+                    left = deadline.timeout(left)
+                if not waiter.done.wait(min(held, left)):
+                    continue    # lease expired unannounced (holder died): take it over
+                outcome, entry = waiter.outcome, waiter.entry
+                if outcome in (STORED, INACTIVE) and entry is not None:
+                    return entry, True
+                if outcome == FAILED:
+                    return self._failed(IntrospectionError(
+                        "introspection failed in another process"), stale, policy), False
+                if outcome == NOSTORE:
+                    return self._fetch(key, fetch, policy, stale, breaker, leased=False)
+                # An announcement we could not use: wait again for a fresh one.
+                waiter.done.clear()
+                waiter.outcome = waiter.entry = None
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(key)
+                if waiting is not None:
+                    waiting.remove(waiter)
+                    if not waiting:
+                        del self._waiters[key]
+        # We hold the lease. The previous holder may have written the entry and
+        # released the lease between our first look and our lease.
+        shared = self._from_store(key, policy)
+        if shared is not None:
+            store.release(key)
+            return shared, True
+        return self._fetch(key, fetch, policy, stale, breaker, leased=True)
+
+    def _fetch(self, key, fetch, policy, stale, breaker, *, leased) -> Tuple[Entry, bool]:
+        """Ask the IdP; keep and (when leading across processes) announce the result.
+        Returns the entry and whether waiters may share it."""
+        store = self.store
+        outcome, blob = FAILED, None
         try:
             try:
-                answer = fetch()
-            except IntrospectionError:
-                if stale is not None and policy.stale_until(stale) > self.clock():
-                    return stale
-                raise
+                answer = self._ask(fetch, breaker)
+            except IntrospectionError as err:
+                return self._failed(err, stale, policy), False
             now = self.clock()
             entry = Entry(answer.claims, now, now)
             entry = entry._replace(evict_at=policy.stale_until(entry))
             if answer.cacheable and entry.evict_at > now:
+                outcome = STORED
                 with self._lock:
                     self._local[key] = entry
                 if store is not None:
-                    store.set(key, entry.encode(), min(entry.evict_at - now, _MAX_STORE_TTL))
-            return entry
+                    ttl = min(entry.evict_at - now, _MAX_STORE_TTL)
+                    value = entry.encode()
+                    store.set(key, value, ttl)
+                    tags = _tags(entry)
+                    if tags:
+                        store.index(key, tags, ttl)
+                    if leased:
+                        blob = store.seal(key, value)
+            else:
+                outcome = INACTIVE if not entry.active else NOSTORE
+            return entry, outcome != NOSTORE
         finally:
             if leased:
                 store.release(key)
+                message: Dict[str, Any] = {"v": 1, "op": "done", "from": self._id,
+                                           "key": key, "outcome": outcome}
+                if blob is not None:
+                    message["value"] = base64.b64encode(blob).decode()
+                store.publish(message)
+
+    @staticmethod
+    def _ask(fetch, breaker) -> Answer:
+        if breaker is None:
+            return fetch()
+        if not breaker.allow():
+            raise IntrospectionError("circuit breaker open: introspection endpoint not asked")
+        try:
+            answer = fetch()
+        except BaseException:
+            breaker.failed()
+            raise
+        breaker.succeeded()
+        return answer
+
+    def _failed(self, err: Exception, stale: Optional[Entry], policy: Policy) -> Entry:
+        if stale is not None and policy.stale_until(stale) > self.clock():
+            return stale
+        raise err
 
     def _from_store(self, key: str, policy: Policy) -> Optional[Entry]:
         blob = self.store.get(key)
@@ -185,12 +348,78 @@ class TokenCache:
             self._local[key] = entry
         return entry
 
-    def _await_store(self, key: str, policy: Policy) -> Optional[Entry]:
-        # Another process holds the lease and is asking the IdP: wait for its entry.
-        deadline = time.monotonic() + policy.wait
-        while time.monotonic() < deadline:
-            time.sleep(_POLL_INTERVAL)
-            entry = self._from_store(key, policy)
-            if entry is not None:
-                return entry
-        return None
+    # -- announcements from other processes (on the store's listener thread) -------
+
+    def _on_message(self, message: Optional[dict]) -> None:
+        if message is None:
+            # Subscription made or lost: purges may have been missed.
+            with self._lock:
+                self._local.clear()
+            return
+        op = message.get("op")
+        if op == "done":
+            self._on_done(message)
+        elif op == "purge":
+            self._on_purge(message)
+
+    def _on_done(self, message: dict) -> None:
+        key, outcome = message.get("key"), message.get("outcome")
+        if not isinstance(key, str) or message.get("from") == self._id:
+            return
+        entry: Optional[Entry] = None
+        now = self.clock()
+        if outcome == STORED:
+            try:
+                blob = self.store.unseal(key, base64.b64decode(message.get("value", "")))
+            except (ValueError, TypeError):
+                blob = None
+            entry = Entry.decode(blob) if blob else None
+            if entry is not None and entry.evict_at > now:
+                with self._lock:
+                    self._local[key] = entry
+            else:
+                entry, outcome = None, None
+        elif outcome == INACTIVE:
+            entry = Entry({"active": False}, now, now)
+        with self._lock:
+            waiting = list(self._waiters.get(key, ()))
+        for waiter in waiting:
+            waiter.outcome, waiter.entry = outcome, entry
+            waiter.done.set()
+
+    def _on_purge(self, message: dict) -> None:
+        by, ids = message.get("by"), message.get("ids")
+        keys = message.get("keys")
+        ids = [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
+        keys = [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+        with self._lock:
+            if by == "all":
+                self._local.clear()
+                return
+            for k in keys + (ids if by == "key" else []):
+                self._local.pop(k, None)
+            if by in ("sub", "client_id") and ids:
+                wanted = set(ids)
+                items = list(self._local.items())
+        if by in ("sub", "client_id") and ids:
+            # Entries only this process holds (its Redis write failed) are found by claim.
+            doomed = [k for k, e in items
+                      if isinstance(e.claims.get(by), str)
+                      and self.store.tag(by, e.claims[by]) in wanted]
+            with self._lock:
+                for k in doomed:
+                    self._local.pop(k, None)
+
+    def drop(self, keys) -> None:
+        """Forget these keys in this process (a purge from this process)."""
+        with self._lock:
+            for k in keys:
+                self._local.pop(k, None)
+
+
+def _tags(entry: Entry) -> List[Tuple[str, str]]:
+    """The claims an entry is indexed under, for purges by sub or client_id."""
+    if not entry.active:
+        return []
+    return [(kind, entry.claims[kind]) for kind in ("sub", "client_id")
+            if isinstance(entry.claims.get(kind), str) and entry.claims[kind]]

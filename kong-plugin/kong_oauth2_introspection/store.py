@@ -19,6 +19,25 @@ used again, without a restart. Failures are logged at most once per
 the others wait for). ``release`` deletes the lease only while it still holds
 our random token (a one-key Lua script, so it works on a Cluster too).
 
+``try_lease`` also says how long the current holder may keep the lease, so a
+follower waits exactly that long at most (see ``cache.py`` for the protocol).
+
+Every process subscribes to one channel per key prefix,
+``<key_prefix>oauth2-introspection`` (``add_listener``): a leader announces there
+how a fetch ended, and ``purge.py`` announces purges. Messages are JSON objects
+(version ``v`` 1); the formats are in ``cache.py`` and ``purge.py``. While the
+subscription is down listeners get ``None``: messages may have been missed.
+
+Each entry written with ``index`` is also listed in Redis sets named
+``<key_prefix>oauth2-introspection:idx:<kind>:<tag>`` (kind ``sub`` or
+``client_id``), where ``tag`` is an HMAC of the claim under a key derived from
+``store.secret``: whoever reads Redis learns no claim.
+
+Every call spends from the request's deadline (``concurrency.current_deadline``):
+a call is only started when the time left covers its socket timeout (otherwise
+it counts as a miss, never as a reason to wait), and raises DeadlineExceeded
+when nothing is left.
+
 In Sentinel mode a background thread asks the sentinels for the master every
 second, because redis-py only asks them when a connection breaks, and a master
 demoted by a failover keeps accepting connections until it is reconfigured.
@@ -26,6 +45,9 @@ demoted by a failover keeps accepting connections until it is reconfigured.
 
 import collections
 import functools
+import hashlib
+import hmac
+import json
 import math
 import os
 import re
@@ -38,6 +60,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .concurrency import DeadlineExceeded, current_deadline
+
 NONCE_SIZE = 12
 LOG_INTERVAL = 10.0
 BACKOFF_FIRST = 1.0
@@ -45,6 +69,29 @@ BACKOFF_MAX = 10.0
 LEASE_SUFFIX = ":lease"
 _MAX_TTL_MS = 366 * 86400 * 1000
 _MAX_OWNED_LEASES = 10000
+CHANNEL = "oauth2-introspection"          # after the key prefix
+INDEX = "oauth2-introspection:idx:"       # after the key prefix
+INDEX_KINDS = ("sub", "client_id")
+_RESUBSCRIBE_FIRST = 0.2
+_RESUBSCRIBE_MAX = 5.0
+
+# Take the lease, or say how long (ms) its holder may keep it. One key: runs
+# unchanged on a Redis Cluster.
+_LEASE_LUA = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return -1
+end
+return redis.call('PTTL', KEYS[1])
+"""
+
+# Add an entry to an index set, which lives as long as its longest-lived entry.
+_INDEX_LUA = """
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
 
 # Delete the lease only when it still holds our token: after it expired another
 # caller may have taken it, and that one is not ours to delete. One key, so it
@@ -157,13 +204,20 @@ class _Backoff:
             return was > 0
 
 
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
 def _never_raises(default):
-    """The store is an optimisation: a bug or odd argument must not fail a request."""
+    """The store is an optimisation: a bug or odd argument must not fail a request
+    (only the request's deadline running out goes through)."""
     def wrap(method):
         @functools.wraps(method)
         def safe(self, *args, **kwargs):
             try:
                 return method(self, *args, **kwargs)
+            except DeadlineExceeded:
+                raise
             except Exception as err:
                 self._failed(err, trip=False)
                 return default
@@ -176,17 +230,26 @@ class RedisStore:
 
     def __init__(self, factory: Callable[[], Any], *, mode: str, key_prefix: str = "",
                  sealer: Optional[Sealer] = None, log=None, timeout_s: float = 0.5,
-                 redacted: Tuple[str, ...] = (), cleanup: Callable[[], None] = None,
+                 redacted: Tuple[str, ...] = (), cleanup: Optional[Callable[[], None]] = None,
                  describe: str = "redis", watch: Optional[Callable[[Any], Any]] = None,
-                 watch_interval: float = 1.0):
+                 watch_interval: float = 1.0, tag_secret: Optional[bytes] = None):
         self.mode = mode
         self.key_prefix = key_prefix or ""
+        self.channel = self.key_prefix + CHANNEL
+        self.timeout_s = timeout_s
+        # Index tags are keyed with the store secret, so Redis shows no claim.
+        self._tag_key = hashlib.sha256(b"oauth2-introspection/index\0" + (tag_secret or b"")).digest()
+        self._lease_script: Any = None
+        self._index_script: Any = None
+        self._listeners: List[Callable[[Optional[dict]], None]] = []
+        self._listen_thread: Optional[threading.Thread] = None
+        self.subscribed = False
         self.sealer = sealer
         self.log = log
         self.describe = describe
         self._factory = factory
         self._client = None
-        self._release_script = None
+        self._release_script: Any = None
         self._client_lock = threading.Lock()
         self._closed = False
         self._cleanup = cleanup
@@ -315,9 +378,11 @@ class RedisStore:
                                    db=database, retry=retry, **common, **tls_kwargs)
             mode, describe = "standalone", f"Redis {host}:{port}"
 
+        tag_secret = (secret.encode() if isinstance(secret, str) else bytes(secret)) \
+            if secret else None
         store = cls(factory, mode=mode, key_prefix=key_prefix, sealer=sealer, log=log,
                     timeout_s=timeout_s, redacted=redacted, cleanup=cleanup, describe=describe,
-                    watch=watch)
+                    watch=watch, tag_secret=tag_secret)
         if cleanup is not None:
             weakref.finalize(store, cleanup)
         _log(log, "info", f"store: {describe}{' over TLS' if tls_kwargs else ''}, values "
@@ -351,7 +416,6 @@ class RedisStore:
         blob = self.sealer.seal(value, full.encode()) if self.sealer else value
         self._call(lambda c: c.set(full, blob, px=px))
 
-    @_never_raises(True)
     def lease(self, key: str, ttl_ms: int) -> bool:
         """Try to become the one caller (across every process and node) that fetches
         ``key``, for ``ttl_ms`` milliseconds.
@@ -359,19 +423,29 @@ class RedisStore:
         True: go ahead and fetch (you won, or the store cannot coordinate right
         now, so nobody should wait for anybody). False: someone else holds it.
         """
+        return self.try_lease(key, ttl_ms) == 0.0
+
+    @_never_raises(0.0)
+    def try_lease(self, key: str, ttl_ms: int) -> float:
+        """Like ``lease``: 0.0 when this caller should fetch, else the seconds the
+        current holder may still keep the lease."""
         full = self.key_prefix + key + LEASE_SUFFIX
         token = secrets.token_hex(16).encode()
         px = min(max(1, int(ttl_ms)), _MAX_TTL_MS)
-        ok = self._call(lambda c: c.set(full, token, nx=True, px=px), failed=_FAILED)
-        if ok is _FAILED:
-            return True  # Redis unavailable: waiting for a holder that cannot exist is useless
-        if not ok:
-            return False
-        with self._leases_lock:
-            self._leases[key] = token
-            while len(self._leases) > _MAX_OWNED_LEASES:
-                self._leases.popitem(last=False)
-        return True
+        held = self._call(lambda c: self._lease_script(keys=[full], args=[token, px], client=c),
+                          failed=_FAILED)
+        if held is _FAILED:
+            return 0.0  # Redis unavailable: waiting for a holder that cannot exist is useless
+        held = int(held)
+        if held >= 0:
+            return max(held, 1) / 1000.0
+        if held == -1:
+            with self._leases_lock:
+                self._leases[key] = token
+                while len(self._leases) > _MAX_OWNED_LEASES:
+                    self._leases.popitem(last=False)
+            return 0.0
+        return 0.001  # -2: expired between SET and PTTL; look again at once
 
     @_never_raises(None)
     def release(self, key: str) -> None:
@@ -382,6 +456,86 @@ class RedisStore:
             return
         full = self.key_prefix + key + LEASE_SUFFIX
         self._call(lambda c: self._release_script(keys=[full], args=[token], client=c))
+
+    def seal(self, key: str, value: bytes) -> bytes:
+        """``value`` as stored under ``key`` (sealed when there is a secret)."""
+        return self.sealer.seal(value, (self.key_prefix + key).encode()) if self.sealer else value
+
+    def unseal(self, key: str, blob: bytes) -> Optional[bytes]:
+        if self.sealer is None:
+            return bytes(blob)
+        return self.sealer.open(blob, (self.key_prefix + key).encode())
+
+    def tag(self, kind: str, value: str) -> str:
+        """The index tag of a claim value: an HMAC, so Redis never shows the claim."""
+        msg = kind.encode() + b"\0" + value.encode("utf-8", "surrogatepass")
+        return hmac.new(self._tag_key, msg, hashlib.sha256).hexdigest()
+
+    @_never_raises(None)
+    def index(self, key: str, tags: List[Tuple[str, str]], ttl_s: float) -> None:
+        """List ``key`` under each (kind, claim value) so it can be purged by claim."""
+        px = min(max(1, int(ttl_s * 1000)), _MAX_TTL_MS)
+        for kind, value in tags:
+            name = self.key_prefix + INDEX + kind + ":" + self.tag(kind, value)
+            self._call(lambda c: self._index_script(keys=[name], args=[key, px], client=c))
+
+    @_never_raises(False)
+    def publish(self, message: dict) -> bool:
+        """Send ``message`` (JSON) to every process sharing this Redis and prefix."""
+        data = json.dumps(message, separators=(",", ":"))
+        return self._call(lambda c: c.publish(self.channel, data), failed=_FAILED) is not _FAILED
+
+    def add_listener(self, listener: Callable[[Optional[dict]], None]) -> None:
+        """Call ``listener(message)`` for each message on the channel (on a thread of
+        the store), and ``listener(None)`` whenever the subscription is (re)made or
+        lost: messages may have been missed."""
+        self._listeners.append(listener)
+        with self._client_lock:
+            if self._listen_thread is None and not self._closed:
+                self._listen_thread = threading.Thread(
+                    target=self._listen_loop, daemon=True,
+                    name="oauth2-introspection-store-listen")
+                self._listen_thread.start()
+
+    # -- purges (purge.py) --------------------------------------------------------
+
+    def purge_keys(self, keys: List[str]) -> int:
+        """Delete these entries in Redis; raises on a Redis failure (the command reports it)."""
+        client = self._require_client()
+        names = [self.key_prefix + k for k in keys]
+        return sum(int(client.delete(n)) for n in names)
+
+    def purge_tag(self, kind: str, value: str) -> Tuple[str, List[str]]:
+        """Delete every entry indexed under this claim; (tag, cache keys found)."""
+        client = self._require_client()
+        tag = self.tag(kind, value)
+        name = self.key_prefix + INDEX + kind + ":" + tag
+        keys = sorted(m.decode() if isinstance(m, bytes) else str(m)
+                      for m in client.smembers(name))
+        self.purge_keys(keys)
+        client.delete(name)
+        return tag, keys
+
+    def purge_all(self) -> int:
+        """Delete every key this plugin wrote under the key prefix (entries, leases,
+        indexes), leaving anything else in the database alone."""
+        client = self._require_client()
+        pattern = _glob_escape(self.key_prefix) + "*"
+        ours = re.compile(re.escape(self.key_prefix)
+                          + r"(?:[0-9a-f]{64}(?:" + re.escape(LEASE_SUFFIX) + r")?|"
+                          + re.escape(INDEX) + r".*)\Z", re.S)
+        count = 0
+        for name in client.scan_iter(match=pattern, count=1000):
+            text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+            if ours.match(text):
+                count += int(client.delete(name))
+        return count
+
+    def _require_client(self):
+        client = self._connect()
+        if client is None:
+            raise RuntimeError("store is closed")
+        return client
 
     @_never_raises(None)
     def close(self) -> None:
@@ -406,6 +560,8 @@ class RedisStore:
             if self._client is None:
                 client = self._factory()  # RedisCluster connects here; may raise
                 self._release_script = client.register_script(_RELEASE_LUA)
+                self._lease_script = client.register_script(_LEASE_LUA)
+                self._index_script = client.register_script(_INDEX_LUA)
                 self._client = client
                 if self._watch is not None:
                     threading.Thread(target=self._watch_loop, args=(client,), daemon=True,
@@ -421,9 +577,66 @@ class RedisStore:
             except Exception:
                 pass  # the request path sees (and logs) real trouble
 
+    def _listen_loop(self):
+        delay = _RESUBSCRIBE_FIRST
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                client = self._connect()
+                if client is None:
+                    return
+                pubsub = client.pubsub()
+                pubsub.subscribe(self.channel)
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=1.0)
+                    if msg is None:
+                        continue
+                    if msg.get("type") == "subscribe":
+                        self.subscribed = True
+                        delay = _RESUBSCRIBE_FIRST
+                        self._tell(None)   # whatever was sent before now was missed
+                    elif msg.get("type") == "message":
+                        self._dispatch(msg.get("data"))
+            except Exception as err:  # noqa: BLE001 - Redis down: retry later
+                if self.subscribed:
+                    self.subscribed = False
+                    self._tell(None)
+                    self._failed(err, trip=False)
+            finally:
+                self.subscribed = False
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+            self._stop.wait(delay)
+            delay = min(delay * 2, _RESUBSCRIBE_MAX)
+
+    def _dispatch(self, data):
+        try:
+            message = json.loads(data)
+        except (ValueError, TypeError):
+            return
+        if isinstance(message, dict) and message.get("v") == 1:
+            self._tell(message)
+
+    def _tell(self, message: Optional[dict]):
+        for listener in list(self._listeners):
+            try:
+                listener(message)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the listener
+                pass
+
     def _call(self, op, failed=None):
         if self._closed or not self._backoff.allow():
             return failed
+        deadline = current_deadline()
+        if deadline is not None:
+            left = deadline.remaining()
+            if left <= 0:
+                raise DeadlineExceeded("request deadline exceeded")
+            if left < self.timeout_s:
+                return failed  # a socket timeout could outlast the request: skip Redis
         try:
             client = self._connect()
             if client is None:
@@ -532,7 +745,9 @@ def _tls_kwargs(tls_conf, log) -> Tuple[Dict[str, Any], List[str]]:
                 files.append(path)
                 kwargs["ssl_keyfile"] = path
         except Exception:
-            _file_remover(files)()
+            remove = _file_remover(files)
+            if remove is not None:
+                remove()
             raise
     elif key:
         _log(log, "warn", "store: tls.key without tls.cert is ignored")
