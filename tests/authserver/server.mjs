@@ -2,7 +2,8 @@
 //
 // Runs oidc-provider (a certified OpenID Connect / OAuth 2.0 server) on
 // 127.0.0.1 with only what the plugin's tests need: the client_credentials
-// grant, RFC 7662 introspection and RFC 7009 revocation, opaque access tokens.
+// grant, RFC 7662 introspection and RFC 7009 revocation, opaque access tokens
+// (or, per client, JWT access tokens with the server's JWKS at /jwks).
 //
 // Usage:  node server.mjs --config clients.json
 //         (or AUTHSERVER_CONFIG=clients.json node server.mjs)
@@ -25,6 +26,9 @@
 //       "audience": "https://api.example" | ["https://a", "https://b"],
 //                                   optional; the first is the default "aud"
 //       "token_endpoint_auth_method": "client_secret_basic"   optional
+//       "access_token_format": "jwt",   optional; tokens for its audiences are
+//                                   then JWTs (RFC 9068) signed with "jwt_alg"
+//       "jwt_alg": "ES256" | "RS256"    optional, default ES256
 //     }]
 //   }
 //
@@ -34,7 +38,7 @@
 // When listening it prints "READY <port>" on stdout. It exits when stdin is
 // closed (the parent went away) or on SIGTERM / SIGINT.
 
-import { generateKeyPairSync } from 'node:crypto';
+import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import process from 'node:process';
@@ -101,7 +105,13 @@ for (const c of config.clients ?? []) {
     ttl: c.ttl === undefined || c.ttl === null ? undefined : positiveSeconds(c.ttl, `ttl of ${c.client_id}`),
     audiences: asList(c.audience),
     scope: scopes.join(' '),
+    jwt: c.access_token_format === 'jwt',
+    jwtAlg: c.jwt_alg ?? 'ES256',
   });
+  if (c.access_token_format === 'jwt' && !asList(c.audience).length) {
+    fail(`${c.client_id}: JWT access tokens need an audience`);
+  }
+  if (!['ES256', 'RS256'].includes(c.jwt_alg ?? 'ES256')) fail(`${c.client_id}: jwt_alg must be ES256 or RS256`);
   clients.push({
     client_id: String(c.client_id),
     client_secret: String(c.client_secret),
@@ -179,11 +189,15 @@ setInterval(() => {
   }
 }, 30_000).unref();
 
-// A throw-away signing key (only used should an ID token or a JWT ever be
-// produced; access tokens here are opaque). Providing one avoids the
+// Throw-away signing keys, new at every start: the key ids change too, so a
+// restart on the same port is a key rotation. They sign JWT access tokens of
+// clients with "access_token_format": "jwt". Providing them avoids the
 // provider's well-known development keys.
+const startId = randomBytes(4).toString('hex');
 const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
-const signingKey = { ...privateKey.export({ format: 'jwk' }), alg: 'ES256', use: 'sig', kid: 'test-es256' };
+const signingKey = { ...privateKey.export({ format: 'jwk' }), alg: 'ES256', use: 'sig', kid: `es256-${startId}` };
+const { privateKey: rsaKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+const rsaSigningKey = { ...rsaKey.export({ format: 'jwk' }), alg: 'RS256', use: 'sig', kid: `rs256-${startId}` };
 
 function tokenTTL(ctx, token, client) {
   const requested = ctx?.get?.(TTL_HEADER);
@@ -204,7 +218,7 @@ const providerConfiguration = {
   adapter: MemoryAdapter,
   clients,
   scopes: [...allScopes],
-  jwks: { keys: [signingKey] },
+  jwks: { keys: [signingKey, rsaSigningKey] },
   idTokenSigningAlgValues: ['ES256'],
   clientDefaults: {
     grant_types: ['client_credentials'],
@@ -231,7 +245,7 @@ const providerConfiguration = {
       },
     },
     // Only used for clients configured with an "audience": the token then
-    // carries "aud". Tokens stay opaque either way.
+    // carries "aud". Tokens stay opaque unless the client asks for JWTs.
     resourceIndicators: {
       enabled: true,
       defaultResource: async (ctx, client, oneOf) => {
@@ -242,6 +256,12 @@ const providerConfiguration = {
         const own = settings.get(client.clientId);
         if (!own || !own.audiences.includes(resource)) {
           throw new errors.InvalidTarget(`${resource} is not an audience of ${client.clientId}`);
+        }
+        if (own.jwt) {
+          return {
+            scope: own.scope, audience: resource, accessTokenFormat: 'jwt',
+            jwt: { sign: { alg: own.jwtAlg } },
+          };
         }
         return { scope: own.scope, audience: resource, accessTokenFormat: 'opaque' };
       },

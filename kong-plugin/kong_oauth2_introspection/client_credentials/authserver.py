@@ -1,0 +1,221 @@
+"""HTTP to the authorization server: the token request, its metadata, its keys.
+
+One pooled ``requests.Session`` per plugin instance, with the config's TLS.
+Every try is bounded by ``timeout`` and by what is left of the request's
+deadline; connection errors, timeouts and 5xx answers are retried
+``max_retries`` times with a short jittered backoff, 4xx answers never.
+
+Error texts are safe to log: they never hold credentials, tokens or bodies.
+"""
+
+import atexit
+import base64
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Any, Dict, NamedTuple, Optional
+from urllib.parse import quote, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from ..concurrency import Deadline
+from .config import TLS, Config
+
+_BACKOFF_BASE = 0.05
+_BACKOFF_MAX = 1.0
+_MAX_BODY = 1 << 20   # a token answer or a key set larger than this is garbage
+
+
+class ServerError(Exception):
+    """The authorization server could not be asked or gave no usable answer."""
+
+
+class ClientRejected(Exception):
+    """The server refused the client (4xx). ``code`` is its OAuth ``error`` member."""
+
+    def __init__(self, status: int, code: str):
+        super().__init__("token endpoint refused the client: HTTP %d %s" % (status, code))
+        self.status = status
+        self.code = code
+
+
+class Credentials(NamedTuple):
+    """Client credentials as RFC 6749 section 2.3.1 sends them: ``basic`` is the
+    base64 of ``urlencode(id):urlencode(secret)``."""
+    client_id: str
+    basic: str
+
+    @classmethod
+    def configured(cls, client_id: str, client_secret: str) -> "Credentials":
+        raw = "%s:%s" % (quote(client_id, safe=""), quote(client_secret, safe=""))
+        return cls(client_id, base64.b64encode(raw.encode()).decode("ascii"))
+
+    def __repr__(self) -> str:   # never the secret
+        return "Credentials(%r)" % self.client_id
+
+
+class Issued(NamedTuple):
+    access_token: str
+    token_type: str
+
+
+def _private_copy(tls: TLS) -> Dict[str, str]:
+    """requests takes CA bundles and client certificates only as files."""
+    folder = tempfile.mkdtemp(prefix="oauth2-client-credentials-tls-")   # mode 0700
+    atexit.register(shutil.rmtree, folder, True)
+    paths = {"folder": folder}
+    for name in ("ca", "cert", "key"):
+        pem = getattr(tls, name)
+        if pem:
+            path = os.path.join(folder, name + ".pem")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(pem)
+            paths[name] = path
+    return paths
+
+
+class AuthServer:
+    def __init__(self, conf: Config, log: Any = None):
+        self.conf = conf
+        self.session = requests.Session()
+        self.session.trust_env = False   # no proxy or netrc from the environment
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=64, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self._files: Optional[Dict[str, str]] = None
+        tls = conf.tls
+        if tls.ca or tls.cert:
+            self._files = _private_copy(tls)
+        if tls.insecure_skip_verify:
+            self.session.verify = False
+            if log is not None:
+                log.warn("client_config.tls.insecure_skip_verify is on: the authorization "
+                         "server's certificate is not verified")
+        elif self._files and "ca" in self._files:
+            self.session.verify = self._files["ca"]
+        if self._files and "cert" in self._files:
+            self.session.cert = (self._files["cert"], self._files["key"])
+
+    def close(self) -> None:
+        self.session.close()
+        if self._files:
+            shutil.rmtree(self._files["folder"], True)
+            self._files = None
+
+    # -- the three calls ------------------------------------------------------
+
+    def request_token(self, creds: Credentials, deadline: Optional[Deadline]) -> Issued:
+        conf = self.conf
+        form = {"grant_type": "client_credentials", conf.audience_param: conf.audience}
+        headers = {"Authorization": "Basic " + creds.basic, "Accept": "application/json",
+                   "Content-Type": "application/x-www-form-urlencoded"}
+        response = self._send("POST", conf.url, "token endpoint", deadline,
+                              data=form, headers=headers)
+        body = _json(response, "token endpoint")
+        if 400 <= response.status_code < 500:
+            code = body.get("error") if isinstance(body, dict) else None
+            raise ClientRejected(response.status_code,
+                                 code if isinstance(code, str) and code.isprintable() else "")
+        if response.status_code != 200 or not isinstance(body, dict):
+            raise ServerError("token endpoint answered HTTP %d%s" % (
+                response.status_code, "" if isinstance(body, dict) else " without a JSON object"))
+        token, kind = body.get("access_token"), body.get("token_type", "Bearer")
+        if not isinstance(token, str) or not token:
+            raise ServerError("token endpoint answered without an access_token")
+        if not isinstance(kind, str) or kind.lower() != "bearer":
+            raise ServerError("token endpoint issued a token that is not a Bearer token")
+        return Issued(token, "Bearer")
+
+    def metadata(self, deadline: Optional[Deadline]) -> Dict[str, Any]:
+        """The server's metadata (OpenID discovery or RFC 8414), checked to be the
+        server that ``url`` belongs to."""
+        conf = self.conf
+        failures = []
+        for where in _metadata_urls(conf.issuer or conf.url, from_issuer=bool(conf.issuer)):
+            try:
+                response = self._send("GET", where, "metadata", deadline, retry=False,
+                                      headers={"Accept": "application/json"})
+            except ServerError as err:
+                failures.append(str(err))
+                continue
+            meta = _json(response, "metadata")
+            if response.status_code != 200 or not isinstance(meta, dict):
+                failures.append("metadata at %s: HTTP %d" % (where, response.status_code))
+                continue
+            if conf.issuer and meta.get("issuer") != conf.issuer:
+                raise ServerError("metadata at %s names another issuer" % where)
+            if not conf.issuer and meta.get("token_endpoint") != conf.url:
+                raise ServerError("metadata at %s names another token endpoint; set "
+                                  "config.issuer" % where)
+            if not isinstance(meta.get("issuer"), str):
+                raise ServerError("metadata at %s has no issuer" % where)
+            return meta
+        raise ServerError("no server metadata found (%s)" % "; ".join(failures))
+
+    def jwks(self, url: str, deadline: Optional[Deadline]) -> Dict[str, Any]:
+        response = self._send("GET", url, "JWKS", deadline,
+                              headers={"Accept": "application/json"})
+        body = _json(response, "JWKS")
+        if response.status_code != 200 or not isinstance(body, dict) \
+                or not isinstance(body.get("keys"), list):
+            raise ServerError("JWKS at %s: HTTP %d, no key set" % (url, response.status_code))
+        return body
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _send(self, method: str, url: str, what: str, deadline: Optional[Deadline],
+              retry: bool = True, **kwargs: Any) -> requests.Response:
+        attempt = 0
+        while True:
+            timeout = deadline.timeout(self.conf.timeout) if deadline else self.conf.timeout
+            try:
+                response = self.session.request(method, url, timeout=(timeout, timeout),
+                                                allow_redirects=False, stream=True, **kwargs)
+            except requests.Timeout:
+                failure = "timed out"
+            except requests.RequestException as err:
+                failure = "could not be reached (%s)" % type(err).__name__
+            else:
+                if response.status_code < 500:
+                    return response
+                failure = "answered HTTP %d" % response.status_code
+                response.close()
+            if not retry or attempt >= self.conf.max_retries:
+                raise ServerError("%s %s" % (what, failure))
+            pause = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
+            if deadline is not None and deadline.remaining() <= pause:
+                raise ServerError("%s %s; no time left to retry" % (what, failure))
+            time.sleep(pause)
+            attempt += 1
+
+
+def _json(response: requests.Response, what: str) -> Any:
+    """The answer's JSON, or None; reads at most _MAX_BODY bytes."""
+    try:
+        raw = response.raw.read(_MAX_BODY + 1, decode_content=True)
+    except Exception as err:   # noqa: BLE001 - a reset mid-body, a read timeout
+        response.close()
+        raise ServerError("%s: answer could not be read (%s)" % (what, type(err).__name__))
+    if len(raw) > _MAX_BODY:
+        response.close()   # drop the connection rather than read the rest
+        return None
+    response.raw.release_conn()   # read to the end: the connection can be reused
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _metadata_urls(base: str, from_issuer: bool):
+    """Where metadata may be: OpenID Connect Discovery appends the well-known
+    suffix to the issuer, RFC 8414 inserts it between host and path."""
+    parts = urlsplit(base)
+    origin = "%s://%s" % (parts.scheme, parts.netloc)
+    path = parts.path.rstrip("/") if from_issuer else ""
+    yield origin + path + "/.well-known/openid-configuration"
+    yield origin + "/.well-known/oauth-authorization-server" + path

@@ -1,0 +1,254 @@
+"""The oauth2-client-credentials access phase.
+
+For every request: find the client credentials (configured, or the caller's
+HTTP Basic ones), get a token for them (cached, or from the token endpoint,
+verified), check the claims, and send the request upstream with
+``Authorization: Bearer <token>`` in place of whatever the caller sent.
+
+Every path ends in ``kong.response.exit`` or in ``kong.client.authenticate``
+after one ``set_headers`` call: Kong's guard refuses a request that has neither.
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+import sys
+import uuid
+from typing import Any, Dict, List, Optional, Union
+
+from kong_pdk.exception import PDKException
+
+from .. import responses
+from ..claims import MISSING, resolve
+from ..concurrency import Deadline, DeadlineExceeded, blocking, current_deadline, deadline_scope
+from ..responses import Refusal
+from ..store import RedisStore
+from ..upstream import header_value
+from . import NAME, PRIORITY, VERSION
+from .authserver import AuthServer, ClientRejected, Credentials, ServerError
+from .config import Config, ConfigError
+from .tokencache import Token, TokenCache, refresh_at
+from .verify import TokenInvalid, Verifier
+
+LOG_PREFIX = NAME + ": "
+MAX_HEADERS = 1000                   # Kong's ceiling for get_headers
+_SPOOFABLE = ("x-consumer-", "x-credential-")
+_BASIC_REALM = 'Basic realm="service", charset="UTF-8"'
+
+MISSING_CREDENTIALS = Refusal(401, {"error": "invalid_client",
+                                    "error_description": "Client credentials are missing"},
+                              {"WWW-Authenticate": _BASIC_REALM})
+BAD_CREDENTIALS = Refusal(401, {"error": "invalid_client",
+                                "error_description": "Client authentication failed"},
+                          {"WWW-Authenticate": _BASIC_REALM})
+CLIENT_FORBIDDEN = Refusal(403, {"error": "unauthorized_client",
+                                 "error_description": "The client may not obtain a token "
+                                                      "for this resource"}, {})
+CLAIMS_FORBIDDEN = Refusal(403, {"error": "insufficient_scope",
+                                 "error_description": "The client's token does not grant "
+                                                      "access to this resource"}, {})
+TOO_MANY_HEADERS = Refusal(400, {"error": "invalid_request",
+                                 "error_description": "Too many request headers"}, {})
+
+HeaderTable = Dict[str, Union[str, List[str]]]
+
+
+class StderrLog:
+    """Lines outside any request; Kong copies the server's stderr to its error log."""
+
+    def _write(self, level: str, msg: str) -> None:
+        try:
+            print("[%s] %s: %s" % (NAME, level, msg), file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+
+    def info(self, msg: str) -> None:
+        self._write("info", msg)
+
+    def warn(self, msg: str) -> None:
+        self._write("warn", msg)
+
+    def err(self, msg: str) -> None:
+        self._write("error", msg)
+
+
+class Runtime:
+    """What one config builds once: HTTP client, verifier, cache."""
+
+    def __init__(self, conf: Config, log: Any):
+        self.conf = conf
+        self.server = AuthServer(conf, log)
+        self.verifier = Verifier(conf, self.server, log)
+        self.fixed = (Credentials.configured(conf.client_id, conf.client_secret)
+                      if conf.client_id is not None and conf.client_secret is not None
+                      else None)
+        store = RedisStore.from_config(conf.store, log) if conf.store else None
+        # A token answers one question: this endpoint, this audience, these credentials.
+        context = "\0".join((conf.url, conf.audience_param, conf.audience))
+        self.cache = TokenCache(
+            hmac_key=conf.store_secret.encode() if store is not None and conf.store_secret
+            else None,
+            context=context, fetch=self._fetch, check=self._check, store=store,
+            wait=conf.timeout * (conf.max_retries + 1) + 1.0)
+        # Credential ids Kong sees (and logs): stable across nodes, and derived
+        # from the client id only, so a log reveals nothing about a secret.
+        self._id_key = hashlib.sha256(b"oauth2-client-credentials/credential\0"
+                                      + context.encode()).digest()
+
+    def _check(self, value: str, deadline: Optional[Deadline]) -> Token:
+        claims = self.verifier.verify(value, deadline)
+        return Token(value, claims, refresh_at(claims, self.cache.clock()))
+
+    def _fetch(self, creds: Credentials, deadline: Optional[Deadline]) -> Token:
+        issued = self.server.request_token(creds, deadline)
+        return self._check(issued.access_token, deadline)
+
+    def token(self, creds: Credentials) -> Token:
+        """Cached on this process (no I/O), else obtained off the event loop."""
+        key = self.cache.key(creds)
+        token = self.cache.cached(key)
+        if token is not None:
+            return token
+        deadline = current_deadline()
+
+        def obtain() -> Token:
+            with deadline_scope(deadline):   # the store spends from it on this thread
+                return self.cache.obtain(key, creds, deadline)
+        return blocking(obtain)
+
+    def credential_id(self, client_id: str) -> str:
+        digest = hmac.new(self._id_key, client_id.encode(), hashlib.sha256).digest()
+        return str(uuid.UUID(bytes=digest[:16]))
+
+    def close(self) -> None:
+        self.cache.close()
+        self.server.close()
+
+
+class Plugin:
+    NAME = NAME
+    VERSION = VERSION
+    PRIORITY = PRIORITY
+
+    def __init__(self, config: Dict[str, Any]):
+        self._log = StderrLog()
+        self._runtime: Union[Runtime, ConfigError]
+        try:
+            self._runtime = Runtime(Config.parse(config), self._log)
+        except ConfigError as err:
+            self._runtime = err
+        except Exception as err:   # noqa: BLE001 - e.g. an unreadable PEM; its text may hold secrets
+            self._runtime = ConfigError("config: cannot be used (%s)" % type(err).__name__)
+        if isinstance(self._runtime, ConfigError):
+            self._log.err("unusable config, every request under it gets 500: %s"
+                          % self._runtime)
+
+    def access(self, kong: Any) -> None:
+        # An exception reaching the server leaves Kong's call unanswered, and Kong
+        # then lets the request through: every failure must end in a response.
+        try:
+            runtime = self._runtime
+            if isinstance(runtime, ConfigError):
+                kong.log.err(LOG_PREFIX + "unusable config: %s" % runtime)
+                return _exit(kong, responses.SERVER_ERROR)
+            _access(runtime, kong)
+        except Exception as err:   # noqa: BLE001 - the last line of defence
+            try:
+                kong.log.err(LOG_PREFIX + "internal error: %s" % type(err).__name__)
+                _exit(kong, responses.SERVER_ERROR)
+            except Exception:   # noqa: BLE001 - Kong is gone; nothing left to tell
+                pass
+
+    def close(self) -> None:
+        runtime, self._runtime = self._runtime, ConfigError("config: closed")
+        if isinstance(runtime, Runtime):
+            runtime.close()
+
+
+def _exit(kong: Any, refusal: Refusal) -> None:
+    kong.response.exit(refusal.status, refusal.body, refusal.headers)
+
+
+def _headers(kong: Any) -> Optional[Dict[str, List[str]]]:
+    """Every request header (lower-case name -> values); None when there are too many
+    to be sure of having seen them all."""
+    try:
+        raw = kong.request.get_headers(MAX_HEADERS)
+    except PDKException:
+        raw = None
+    headers: Dict[str, List[str]] = {}
+    for name, values in (raw or {}).items():
+        if isinstance(name, str):
+            headers[name.lower()] = [values] if isinstance(values, str) else \
+                [v for v in (values or []) if isinstance(v, str)]
+    if sum(len(v) for v in headers.values()) >= MAX_HEADERS:
+        return None
+    return headers
+
+
+def caller_credentials(headers: Dict[str, List[str]]) -> Optional[Credentials]:
+    """The caller's HTTP Basic credentials (RFC 7617), or None."""
+    values = headers.get("authorization") or []
+    if len(values) != 1:
+        return None
+    scheme, _, blob = values[0].strip().partition(" ")
+    blob = blob.strip()
+    if scheme.lower() != "basic" or not blob or len(blob) > 4096:
+        return None
+    try:
+        decoded = base64.b64decode(blob, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep or not client_id or not secret or not decoded.isprintable():
+        return None
+    # Sent on as received: the caller already form-encoded id and secret (RFC 6749 2.3.1).
+    return Credentials(client_id, base64.b64encode(decoded.encode()).decode("ascii"))
+
+
+def _access(rt: Runtime, kong: Any) -> None:
+    conf = rt.conf
+    headers = _headers(kong)
+    if headers is None:
+        return _exit(kong, TOO_MANY_HEADERS)
+    creds = rt.fixed or caller_credentials(headers)
+    if creds is None:
+        return _exit(kong, MISSING_CREDENTIALS if not headers.get("authorization")
+                     else BAD_CREDENTIALS)
+
+    try:
+        token = rt.token(creds)
+    except ClientRejected as err:
+        if rt.fixed is not None:   # the gateway's own client is refused: our fault
+            kong.log.err(LOG_PREFIX + str(err))
+            return _exit(kong, responses.SERVER_ERROR)
+        kong.log.info(LOG_PREFIX + str(err))
+        refused = err.status == 401 or err.code == "invalid_client"
+        return _exit(kong, BAD_CREDENTIALS if refused else CLIENT_FORBIDDEN)
+    except (ServerError, TokenInvalid, DeadlineExceeded) as err:
+        kong.log.err(LOG_PREFIX + (str(err) or type(err).__name__))
+        return _exit(kong, responses.SERVER_ERROR)
+
+    claims = token.claims
+    if conf.claims is not None and not conf.claims.evaluate(claims):
+        return _exit(kong, CLAIMS_FORBIDDEN)
+
+    upstream: HeaderTable = {"Authorization": "Bearer " + token.value}
+    for name, path in conf.forward_headers:
+        # Traefik's rule: a claim that is not there still gives the header, empty.
+        value = resolve(claims, path)
+        upstream[name] = "" if value is MISSING else header_value(value)
+    ours = {name.lower() for name in upstream}
+    for name in headers:   # identity headers the caller sent itself never get through
+        if name not in ours and (name.startswith(_SPOOFABLE) or name in conf.owned_headers):
+            upstream[name] = []
+    kong.service.request.set_headers(upstream)
+
+    credential: Dict[str, Any] = {"id": rt.credential_id(creds.client_id)}
+    if conf.username_claim:
+        name = resolve(claims, conf.username_claim)
+        if name is not MISSING and name is not None:
+            credential["username"] = header_value(name)
+            kong.log.set_serialize_value("authenticated_entity.username", credential["username"])
+    kong.client.authenticate(None, credential)
