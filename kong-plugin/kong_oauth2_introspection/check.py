@@ -1,67 +1,165 @@
-"""``kong-oauth2-introspection check kong.yml``: find every oauth2-introspection
-entry of a declarative config and report what Kong, or the plugin, would refuse.
+"""``kong-oauth2-introspection check FILE|-``: what Kong, or the plugin, would refuse
+in a declarative config (kong.yml, YAML or JSON).
 
-Exit 0 when all entries are usable, 1 on any problem, 2 when the file cannot
-be read. Paths are 0-based, as jq and yq count.
+Every entry of a plugin this package serves is checked, wherever a declarative
+config may hold plugins: the top level, services, routes (top level and under
+services), consumers and consumer_groups. Each entry goes through
+
+1. Kong's schema rules for the plugin entity (:meth:`PluginSchema.validate_plugin`):
+   every field with a problem, with Kong's path (``config.ttl``,
+   ``config.custom_claims_forward.2``, ``consumer``);
+2. when those pass, the plugin's own deeper checks (``Config.parse``: the claims
+   expression, header templates, header names), which Kong cannot see and which
+   would otherwise fail every request of that config with a 500.
+
+One line per problem goes to stdout: ``LOCATION: PATH: MESSAGE``, where LOCATION
+is the entry in the file, counted from 0 as jq and yq count
+(``services[0].routes[1].plugins[0]``) and PATH is Kong's (arrays from 1).
+Secrets (``referenceable`` fields) are never echoed.
+
+Exit codes:
+  0  at least one entry of ours, all valid;
+  1  a problem in some entry, or no entry of ours at all (an empty file included);
+  2  the file cannot be read, is not YAML or JSON, or is not a mapping;
+     or the command line is wrong.
 """
 
+import json
 import sys
-from typing import Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import yaml
 
 from . import NAME
-from .config import Config, ConfigError
-from .schema import validate
+from .schema import PluginSchema, Violation, load
 
-# Where a declarative config may hold plugins, besides the top level.
-_NESTED = ("services", "routes", "consumers", "consumer_groups")
-
-
-def plugin_entries(doc, path="") -> Iterator[Tuple[str, dict]]:
-    if not isinstance(doc, dict):
-        return
-    for index, plugin in enumerate(doc.get("plugins") or []):
-        if isinstance(plugin, dict) and plugin.get("name") == NAME:
-            yield f"{path}plugins[{index}]", plugin
-    for key in _NESTED:
-        for index, child in enumerate(doc.get(key) or []):
-            yield from plugin_entries(child, f"{path}{key}[{index}].")
+# The plugin's checks beyond the schema: the problems of a schema-valid config.
+DeepCheck = Callable[[Dict[str, Any]], List[Violation]]
 
 
-def problems(doc) -> List[str]:
-    found = []
-    for where, plugin in plugin_entries(doc):
-        config = plugin.get("config")
-        if config is None:
-            config = {}
-        conf, violations = validate(config, path=f"{where}.config")
-        found.extend(str(v) for v in violations)
-        if violations:
-            continue
+def _introspection() -> Tuple[PluginSchema, DeepCheck]:
+    from .config import Config, ConfigError
+
+    def deep(config: Dict[str, Any]) -> List[Violation]:
         try:
             Config.parse(config)
         except ConfigError as err:
-            found.append(f"{where}.{err.field}: {err.message}")
-    return found
+            return [Violation(err.field, err.message)]
+        return []
+    return load(NAME), deep
 
 
-def main(argv) -> int:
-    if len(argv) != 1:
-        print("usage: kong-oauth2-introspection check FILE   (- for standard input)",
+# Plugin name -> what checks its entries. Loaded on first use, so a plugin's
+# modules are imported only when a file holds one of its entries.
+PLUGINS: Dict[str, Callable[[], Tuple[PluginSchema, DeepCheck]]] = {
+    NAME: _introspection,
+}
+
+# Where a declarative config nests entities that may carry plugins, and the
+# foreign key Kong sets on a plugin nested under one of them.
+_NESTED = {"services": "service", "routes": "route", "consumers": "consumer",
+           "consumer_groups": "consumer_group"}
+
+USAGE = "usage: kong-oauth2-introspection check FILE   (- for standard input)"
+
+
+def plugin_entries(doc: Any, path: str = "",
+                   scope: Optional[Dict[str, Any]] = None) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """(location, entry) of every plugin entry of ours; an entry nested under a
+    service, route, consumer or group gets that foreign key, as Kong gives it."""
+    if not isinstance(doc, dict):
+        return
+    plugins = doc.get("plugins")
+    for index, plugin in enumerate(plugins if isinstance(plugins, list) else []):
+        if isinstance(plugin, dict) and plugin.get("name") in PLUGINS:
+            entry = dict(plugin)
+            for key, value in (scope or {}).items():
+                entry.setdefault(key, value)
+            yield f"{path}plugins[{index}]", entry
+    for key, foreign in _NESTED.items():
+        children = doc.get(key)
+        for index, child in enumerate(children if isinstance(children, list) else []):
+            if not isinstance(child, dict):
+                continue
+            ref = child.get("id") or child.get("name") or child.get("username") or \
+                child.get("custom_id") or f"{key}[{index}]"
+            yield from plugin_entries(child, f"{path}{key}[{index}].",
+                                      dict(scope or {}, **{foreign: ref}))
+
+
+def entry_problems(entry: Dict[str, Any]) -> List[Violation]:
+    """Every problem of one plugin entry: Kong's schema rules, then the plugin's own."""
+    plugin_schema, deep = PLUGINS[entry["name"]]()
+    violations = plugin_schema.validate_plugin(entry)
+    if violations:
+        return violations  # the deeper checks need a config Kong would accept
+    config = entry.get("config")
+    return deep({} if config is None else config)
+
+
+def problems(doc: Any) -> List[str]:
+    """One line per problem of every entry of ours in a parsed declarative config."""
+    return [f"{where}: {violation}"
+            for where, entry in plugin_entries(doc)
+            for violation in entry_problems(entry)]
+
+
+def _parse(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        try:
+            return json.loads(text)  # JSON that YAML refuses (tabs, for one)
+        except ValueError:
+            pass
+        raise
+
+
+def main(argv: Sequence[str]) -> int:
+    args = list(argv)
+    if args and args[0] in ("-h", "--help"):
+        print(USAGE)
+        print(__doc__.split("\n\n", 1)[1].rstrip())
+        return 0
+    if len(args) != 1:
+        print(USAGE, file=sys.stderr)
+        return 2
+    name = args[0]
+    try:
+        if name == "-":
+            text = sys.stdin.read()
+        else:
+            with open(name, encoding="utf-8") as handle:
+                text = handle.read()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        print(f"{name}: cannot read: {reason}", file=sys.stderr)
+        return 2
+    try:
+        doc = _parse(text)
+    except yaml.YAMLError as err:
+        print(f"{name}: not YAML or JSON: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    wanted = " or ".join(sorted(PLUGINS))
+    if doc is None:
+        print(f"{name}: empty: no {wanted} entry to check", file=sys.stderr)
+        return 1
+    if not isinstance(doc, dict):
+        print(f"{name}: not a declarative config: expected a mapping at the top level",
               file=sys.stderr)
         return 2
-    name = argv[0]
-    try:
-        text = sys.stdin.read() if name == "-" else open(name, encoding="utf-8").read()
-        doc = yaml.safe_load(text)
-    except (OSError, yaml.YAMLError) as err:
-        print(f"{name}: cannot read: {err}", file=sys.stderr)
-        return 2
     entries = list(plugin_entries(doc))
+    if not entries:
+        print(f"{name}: no {wanted} entry (looked at plugins at the top level and under "
+              "services, routes, consumers and consumer_groups)", file=sys.stderr)
+        return 1
     found = problems(doc)
     for line in found:
         print(line)
-    if not found:
-        print(f"{name}: {len(entries)} {NAME} entr{'y' if len(entries) == 1 else 'ies'}, all valid")
-    return 1 if found else 0
+    count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} of {wanted}"
+    if found:
+        print(f"{name}: {len(found)} problem{'' if len(found) == 1 else 's'} in {count}",
+              file=sys.stderr)
+        return 1
+    print(f"{name}: {count}, all valid")
+    return 0

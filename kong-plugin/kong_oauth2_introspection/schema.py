@@ -321,7 +321,7 @@ def _field(spec: Spec, value: Any, path: str, errors: List[Violation], strict: b
     if kind in ("set", "array"):
         items = [] if value == {} else list(value)
         if kind == "set":  # Kong's make_set: duplicates go before validation
-            seen = {json.dumps(i, sort_keys=True): i for i in reversed(items)}
+            seen = {json.dumps(i, sort_keys=True, default=str): i for i in reversed(items)}
             items = list(reversed(list(seen.values())))
         out: List[Any] = []
         for n, item in enumerate(items, 1):
