@@ -280,3 +280,9 @@ def test_command_yaml_keeps_the_lua_readable(capsys):
     guard.main(["--no-preflight"])
     out = capsys.readouterr().out
     assert "- |\n" in out and "      local run_on_preflight = false\n" in out
+
+
+def test_readme_shows_the_rendered_chunk():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Failing closed"):]
+    assert "```lua\n" + guard.render(True) + "```\n" in section
