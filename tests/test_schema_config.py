@@ -38,6 +38,7 @@ def test_config_as_kong_sends_it_is_accepted():
     ("introspection_url", "ftp://idp/x", "invalid value"),
     ("consumer_by", "email", "expected one of: username, client_id"),
     ("ttl", "30", "expected a number"),
+    ("timeout", 2.5, "expected an integer"),
     ("timeout", 0, "between"),
     ("custom_claims_forward", "scope", "expected a set"),
     ("max_retries", 11, "between"),
@@ -94,7 +95,8 @@ def test_dump_is_what_kong_reads():
     info, = json.loads(out)
     assert info["Name"] == "oauth2-introspection" and info["Priority"] == 1700
     assert info["Phases"] == ["access"]
-    fields = info["Schema"]["fields"][0]["config"]["fields"]
+    by_name = {name: spec for entry in info["Schema"]["fields"] for name, spec in entry.items()}
+    fields = by_name["config"]["fields"]
     assert fields == schema.kong_fields()
     assert "description" not in json.dumps(fields)  # docs stay ours, Kong never sees them
 
@@ -103,3 +105,235 @@ def test_readme_option_table_is_generated_from_schema():
     import pathlib
     readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
     assert schema.markdown_table() in readme
+
+
+# --- Kong's schema engine rules (kong/db/schema/init.lua, Kong 3.9) -----------------
+# Each expected answer below is what Kong's validate_field / process_auto_fields
+# decide for the same input; the comment names the rule.
+
+def _errors(**config):
+    return [str(e) for e in schema.validate(dict(BASE, **config))[1]]
+
+
+def test_empty_string_refused_where_kong_refuses_it():
+    # validate_field: "empty strings are not accepted by default" (len_min = 1),
+    # for plain fields, map values, set elements and nested records alike.
+    assert _errors(token_type_hint="") == ["config.token_type_hint: length must be at least 1"]
+    assert _errors(custom_introspection_headers={"x_tenant": ""}) == [
+        "config.custom_introspection_headers.x_tenant: length must be at least 1"]
+    assert _errors(custom_claims_forward=["scope", ""]) == [
+        "config.custom_claims_forward.2: length must be at least 1"]
+    assert _errors(token_source={"header": ""}) == [
+        "config.token_source.header: length must be at least 1"]
+
+
+def test_empty_string_accepted_where_len_min_is_zero():
+    # A field declaring len_min = 0 overrides the default of 1.
+    assert _errors(anonymous="", store={"key_prefix": ""}) == []
+
+
+def test_vault_reference_accepted_in_referenceable_fields():
+    # validate_field: `if field.referenceable and is_reference(value) then return true`,
+    # before any validator: store.secret's length rule does not apply to the reference.
+    assert _errors(authorization_value="{vault://env/introspection-auth}",
+                   store={"secret": "{vault://env/cache-key}",
+                          "redis": {"password": "{vault://aws/redis/password}"}},
+                   client_tls={"key": "{vault://hcv/tls/key}"}) == []
+
+
+def test_vault_reference_refused_in_other_fields():
+    # Not referenceable: the reference is an ordinary string and meets the field's rules.
+    assert _errors(introspection_url="{vault://env/url}") == [
+        "config.introspection_url: invalid value: {vault://env/url}"]
+    assert _errors(consumer_by="{vault://env/by}") == [
+        "config.consumer_by: expected one of: username, client_id"]
+
+
+def test_almost_references_are_checked_as_values():
+    # kong.vault.is_reference: "{vault://" at the start and "}" at the end, nothing less.
+    for text in ("{vault:/env/k}", "vault://env/k", "{vault://env/k"):
+        assert _errors(store={"secret": text}) == [
+            "config.store.secret: must be 16, 24 or 32 bytes long"], text
+
+
+def test_every_error_reported_with_its_path():
+    # Kong validates every field and reports each one that fails (one rule per field).
+    errors = _errors(introspection_url="ftp://idp", ttl=-1, consumer_by="email",
+                     custom_claims_forward=["a", 3], colour="red",
+                     store={"redis": {"endpoints": ["redis:6379", "redis"], "database": 1001,
+                                      "tls": {"enabled": "yes"}}})
+    assert sorted(errors) == sorted([
+        "config.introspection_url: invalid value: ftp://idp",
+        "config.ttl: value should be between 0 and 31536000",
+        "config.consumer_by: expected one of: username, client_id",
+        "config.custom_claims_forward.2: expected a string",
+        "config.colour: unknown field",
+        "config.store.redis.endpoints.2: invalid value: redis",
+        "config.store.redis.database: value should be between 0 and 1000",
+        "config.store.redis.tls.enabled: expected a boolean",
+    ])
+
+
+def test_lengths_count_bytes_as_lua_does():
+    # Lua's # (and so len_min/len_max and the secret's patterns) counts bytes.
+    assert _errors(store={"secret": "é" * 12}) == []          # 12 characters, 24 bytes
+    assert _errors(store={"secret": "é" * 16}) == []          # 16 characters, 32 bytes
+    assert _errors(store={"secret": "é" * 8 + "a"}) == [      # 9 characters, 17 bytes
+        "config.store.secret: must be 16, 24 or 32 bytes long"]
+
+
+def test_secret_values_never_echoed():
+    # Kong's "invalid value: %s" would print the value; ours hides referenceable ones.
+    secret = "Basic c2VjcmV0OnZhbHVl"
+    spec = {"type": "string", "referenceable": True, "match": "^Bearer "}
+    fake = schema.PluginSchema({"name": "x", "fields": [{"authorization_value": spec}]})
+    errors = fake.validate({"authorization_value": secret})[1]
+    assert [str(e) for e in errors] == ["config.authorization_value: invalid value: (hidden)"]
+
+
+def test_sets_lose_duplicates_records_get_defaults():
+    # process_auto_fields: make_set removes duplicates; a record nobody set is
+    # built from its fields' defaults (make_records_required).
+    conf, errors = schema.validate(dict(BASE, custom_claims_forward=["scope", "sub", "scope"]))
+    assert errors == [] and conf["custom_claims_forward"] == ["scope", "sub"]
+    assert conf["store"]["redis"]["timeout_ms"] == 500 and conf["store"]["redis"]["tls"] == {
+        "enabled": False, "ca": None, "cert": None, "key": None, "insecure_skip_verify": False}
+    assert conf["timeout"] == 10000 and isinstance(schema.validate(
+        dict(BASE, timeout=2500.0))[0]["timeout"], int)
+
+
+def test_explicit_null_on_required_field_refused():
+    # validate_field: a null value on a required field is "required field missing",
+    # default or not (only an absent field gets the default).
+    assert _errors(consumer_by=None) == ["config.consumer_by: required field missing"]
+    assert _errors(store=None) == ["config.store: required field missing"]
+    assert _errors(token_type_hint=None) == []
+
+
+def test_empty_lua_tables_accepted_either_way():
+    # cjson cannot tell an empty array from an empty object: Kong sends {} for an
+    # empty set and [] for an empty map or record.
+    assert _errors(custom_claims_forward={}, forward_headers=[], token_source=[]) == []
+
+
+def test_optional_records_not_marked_required_in_table():
+    rows = {line.split("|")[1].strip(): line.split("|")[3].strip()
+            for line in schema.markdown_table().splitlines()[2:]}
+    assert rows["`introspection_url`"] == "*required*"
+    assert rows["`store`"] == rows["`store.redis`"] == rows["`client_tls`"] == ""
+    assert rows["`token_type_hint`"] == "" and rows["`ttl`"] == "30"
+
+
+# --- what Kong's loader gets ------------------------------------------------------
+
+# Kong 3.9's metaschema (kong/db/schema/metaschema.lua): the attributes a field may
+# carry, and the types some of them are limited to. MetaSubSchema takes only these
+# top-level keys; anything else makes Kong refuse to load the plugin.
+_FIELD_ATTRIBUTES = {
+    "type", "required", "reference", "description", "examples", "auto", "unique",
+    "unique_across_ws", "on_delete", "default", "abstract", "generate_admin_api",
+    "immutable", "err", "encrypted", "referenceable", "json_schema",
+    "between", "eq", "ne", "gt", "len_eq", "len_min", "len_max", "match", "not_match",
+    "match_all", "match_none", "match_any", "starts_with", "one_of", "not_one_of",
+    "contains", "is_regex", "timestamp", "uuid", "mutually_exclusive_subsets",
+    "elements", "keys", "values", "fields", "entity_checks", "shorthand_fields"}
+_ATTRIBUTE_TYPES = {"between": {"integer", "number"}, "match": {"string"},
+                    "one_of": {"string", "number", "integer"},
+                    "len_eq": {"array", "set", "string", "map"}, "uuid": {"string"}}
+_REQUIRED_ATTRIBUTES = {"array": {"elements"}, "set": {"elements"},
+                        "map": {"keys", "values"}, "record": {"fields"}}
+
+
+def _metaschema_problems(name, field):
+    found = [f"{name}: unknown attribute {k}" for k in field if k not in _FIELD_ATTRIBUTES]
+    found += [f"{name}: {k} on a {field['type']}" for k, kinds in _ATTRIBUTE_TYPES.items()
+              if k in field and field["type"] not in kinds]
+    found += [f"{name}: needs {k}" for k in _REQUIRED_ATTRIBUTES.get(field["type"], ())
+              if k not in field]
+    for part in ("elements", "keys", "values"):
+        if part in field:
+            found += _metaschema_problems(f"{name}.{part}", field[part])
+    for entry in field.get("fields", []):
+        assert len(entry) == 1
+        (sub, spec), = entry.items()
+        found += _metaschema_problems(f"{name}.{sub}", spec)
+    return found
+
+
+@pytest.mark.parametrize("plugin", ["oauth2-introspection", "oauth2-client-credentials"])
+def test_kong_schema_passes_kongs_metaschema(plugin):
+    try:
+        plugin_schema = schema.load(plugin)
+    except FileNotFoundError:
+        pytest.skip(f"schema/{plugin}.json not there yet")
+    dumped = plugin_schema.kong_schema()
+    assert set(dumped) == {"name", "fields"} and dumped["name"] == plugin
+    assert _metaschema_problems("", {"type": "record", "fields": dumped["fields"]}) == []
+    text = json.dumps(dumped)
+    assert '"traefik"' not in text and '"origin"' not in text and '"description"' not in text
+
+
+def test_kong_schema_restricts_consumer_and_protocols():
+    fields = {name: spec for entry in schema.INTROSPECTION.kong_schema()["fields"]
+              for name, spec in entry.items()}
+    assert list(fields) == ["consumer", "protocols", "config"]
+    # typedefs.no_consumer: a foreign key to consumers that must equal null; the JSON
+    # null is what Kong's cjson decodes to ngx.null.
+    assert '"eq": null' in json.dumps(fields["consumer"])
+    assert fields["consumer"]["type"] == "foreign" and fields["consumer"]["reference"] == "consumers"
+    # typedefs.protocols_http in Kong 3.9 OSS.
+    assert fields["protocols"]["default"] == ["grpc", "grpcs", "http", "https"]
+    assert fields["protocols"]["elements"]["one_of"] == ["grpc", "grpcs", "http", "https"]
+
+
+def test_plugin_entity_rules():
+    entry = {"name": "oauth2-introspection", "config": dict(BASE)}
+    assert schema.INTROSPECTION.validate_plugin(entry) == []
+    assert [str(v) for v in schema.INTROSPECTION.validate_plugin(
+        dict(entry, consumer={"id": "8d2f1c5e-0000-4000-8000-000000000000"},
+             protocols=["https", "tcp"], enabled="yes", colour=1))] == [
+        "enabled: expected a boolean",
+        "colour: unknown field",
+        "consumer: oauth2-introspection authenticates callers: it cannot be scoped to a consumer",
+        "protocols.2: expected one of: grpc, grpcs, http, https",
+    ]
+
+
+# --- Lua patterns, judged as LuaJIT judges them -----------------------------------
+
+lupa = pytest.importorskip("lupa.luajit21")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from kong_oauth2_introspection import luapattern  # noqa: E402
+
+_LUA = lupa.LuaRuntime(encoding=None)
+_LUA_FIND = _LUA.eval("function(s, p) return string.match(s, p) ~= nil end")
+
+
+def _schema_patterns():
+    found = set()
+    for _, spec in schema._walk(schema.FIELDS, "config"):
+        for part in (spec, spec.get("elements") or {}, spec.get("values") or {}):
+            found.update(filter(None, [part.get("match"), part.get("not_match")]))
+            found.update(part.get("match_any", {}).get("patterns", []))
+    return sorted(found)
+
+
+_PATTERNS = _schema_patterns() + [
+    "^[%w%.%-%_~]+$", "^%a+://[^/]+", "[]]", "[^]]", "[%]a-]", "a-b", "^a*$", "%s+$",
+    "^$", "x$y", "a^", "[%a-]", "%p", "%c", "%g+", "%u%l", "%x%x", "%.", "[A-Z]%d?",
+]
+
+
+@pytest.mark.parametrize("pattern", _PATTERNS)
+@settings(max_examples=60, deadline=None)
+@given(value=st.text(alphabet=st.sampled_from("aZ09.-_:/\\]^$ \t\né%{}"), max_size=40))
+def test_lua_patterns_match_as_luajit(pattern, value):
+    expected = _LUA_FIND(value.encode(), pattern.encode())
+    assert luapattern.find(pattern, value) is expected
+
+
+def test_schema_patterns_match_their_examples():
+    assert _schema_patterns()  # the schema does use patterns: the test above covers them
+    for pattern, value in [("^.+:%d+$", "redis:6379\n"), ("^[Hh][Tt][Tt][Pp][Ss]?://[^/]", "HTTPS://x")]:
+        assert luapattern.find(pattern, value) is _LUA_FIND(value.encode(), pattern.encode())

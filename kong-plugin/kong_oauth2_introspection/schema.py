@@ -321,8 +321,10 @@ def _field(spec: Spec, value: Any, path: str, errors: List[Violation], strict: b
     if kind in ("set", "array"):
         items = [] if value == {} else list(value)
         if kind == "set":  # Kong's make_set: duplicates go before validation
-            seen = {json.dumps(i, sort_keys=True, default=str): i for i in reversed(items)}
-            items = list(reversed(list(seen.values())))
+            seen: Dict[str, Any] = {}
+            for item in items:  # the first of equal elements stays, in place
+                seen.setdefault(json.dumps(item, sort_keys=True, default=str), item)
+            items = list(seen.values())
         out: List[Any] = []
         for n, item in enumerate(items, 1):
             if item is None:  # elements are required
