@@ -1,0 +1,267 @@
+"""``kong-oauth2-introspection check``: what Kong (or the plugin) would refuse in a kong.yml.
+
+Expected answers follow Kong 3.9's schema engine (kong/db/schema/init.lua) and the
+plugins entity: the comment on each case names the rule that decides it.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kong_oauth2_introspection import check
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMAND = str(Path(sys.executable).parent / "kong-oauth2-introspection")
+
+GOOD = """\
+  - name: oauth2-introspection
+    config:
+      introspection_url: https://idp.example/introspect
+      authorization_value: Basic a29uZzpzZWNyZXQ=
+"""
+
+
+def run(capsys, text, tmp_path):
+    path = tmp_path / "kong.yml"
+    path.write_text(textwrap.dedent(text))
+    code = check.main([str(path)])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
+def test_repository_kong_yml_is_valid(capsys):
+    assert check.main([str(ROOT / "kong.yml")]) == 0
+    out = capsys.readouterr().out
+    assert "all valid" in out and "2 entries" in out
+
+
+def test_every_problem_of_every_entry_with_its_location(capsys, tmp_path):
+    code, lines, err = run(capsys, """\
+        _format_version: "3.0"
+        plugins:
+          - name: key-auth
+          - name: oauth2-introspection
+            config:
+              introspection_url: ftp://idp/x
+              authorization_value: ""
+              ttl: "30"
+        services:
+          - name: s
+            url: http://upstream
+            routes:
+              - name: r
+                paths: [/r]
+                plugins:
+                  - name: oauth2-introspection
+                    config:
+                      introspection_url: https://idp/x
+                      authorization_value: Basic abc
+                      consumer_by: email
+                      store: {redis: {endpoints: ["redis:6379", "redis"]}}
+        routes:
+          - name: r2
+            paths: [/r2]
+            plugins:
+              - name: oauth2-introspection
+                config:
+                  authorization_value: Basic abc
+        """, tmp_path)
+    assert code == 1
+    # Locations count from 0 (jq); Kong's paths count array elements from 1.
+    assert lines == [
+        "plugins[1]: config.introspection_url: invalid value: ftp://idp/x",
+        "plugins[1]: config.ttl: expected a number",
+        # validate_field: empty strings are refused unless len_min says otherwise;
+        # authorization_value is referenceable, so its value is never echoed.
+        "plugins[1]: config.authorization_value: length must be at least 1",
+        "services[0].routes[0].plugins[0]: config.consumer_by: "
+        "expected one of: username, client_id",
+        "services[0].routes[0].plugins[0]: config.store.redis.endpoints.2: invalid value: redis",
+        "routes[0].plugins[0]: config.introspection_url: required field missing",
+    ]
+    assert "6 problems in 3 entries" in err
+
+
+def test_vault_references_accepted_where_kong_accepts_them(capsys, tmp_path):
+    # referenceable fields: a {vault://...} value skips the field's other rules,
+    # store.secret's 16/24/32-byte rule included (the README's example).
+    code, lines, _ = run(capsys, """\
+        plugins:
+          - name: oauth2-introspection
+            config:
+              introspection_url: https://idp.example/introspect
+              authorization_value: "{vault://env/introspection-authorization}"
+              store:
+                secret: "{vault://env/oauth2-cache-key}"
+                redis:
+                  endpoints: ["redis:6379"]
+                  password: "{vault://env/redis-password}"
+        """, tmp_path)
+    assert (code, lines) == (0, ["%s: 1 entry of oauth2-introspection, all valid"
+                                 % (tmp_path / "kong.yml")])
+
+
+def test_vault_reference_refused_in_a_field_that_is_not_referenceable(capsys, tmp_path):
+    code, lines, _ = run(capsys, """\
+        plugins:
+          - name: oauth2-introspection
+            config:
+              introspection_url: "{vault://env/url}"
+              authorization_value: Basic abc
+        """, tmp_path)
+    assert code == 1
+    assert lines == ["plugins[0]: config.introspection_url: invalid value: {vault://env/url}"]
+
+
+def test_secrets_never_printed(capsys, tmp_path):
+    code, lines, err = run(capsys, """\
+        plugins:
+          - name: oauth2-introspection
+            config:
+              introspection_url: https://idp/x
+              authorization_value: 424242
+              store: {secret: "0123456789-topsecret"}
+        """, tmp_path)
+    assert code == 1
+    assert lines == ["plugins[0]: config.authorization_value: expected a string",
+                     "plugins[0]: config.store.secret: must be 16, 24 or 32 bytes long"]
+    assert "424242" not in "".join(lines) + err and "topsecret" not in "".join(lines) + err
+
+
+@pytest.mark.parametrize("where,yml", [
+    # A plugin nested under a consumer gets that consumer as its foreign key.
+    ("consumers[0].plugins[0]",
+     "consumers:\n  - username: alice\n    plugins:\n" + textwrap.indent(GOOD, "    ")),
+    # The same scope given explicitly at the top level.
+    ("plugins[0]", "plugins:\n" + GOOD.replace("  - name: oauth2-introspection\n",
+                                               "  - name: oauth2-introspection\n"
+                                               "    consumer: alice\n")),
+])
+def test_consumer_scoped_entry_refused(capsys, tmp_path, where, yml):
+    # typedefs.no_consumer: the consumer foreign key must be null (eq = null).
+    code, lines, _ = run(capsys, yml, tmp_path)
+    assert code == 1
+    assert lines == [f"{where}: consumer: oauth2-introspection authenticates callers: "
+                     "it cannot be scoped to a consumer"]
+
+
+def test_protocols_limited_to_http_ones(capsys, tmp_path):
+    # typedefs.protocols_http: grpc, grpcs, http, https.
+    code, lines, _ = run(capsys, "plugins:\n" + GOOD + "    protocols: [https, tcp]\n", tmp_path)
+    assert code == 1
+    assert lines == ["plugins[0]: protocols.2: expected one of: grpc, grpcs, http, https"]
+
+
+def test_deeper_checks_of_the_plugin_reported(capsys, tmp_path):
+    code, lines, _ = run(capsys, """\
+        services:
+          - name: s
+            url: http://upstream
+            plugins:
+              - name: oauth2-introspection
+                config:
+                  introspection_url: https://idp/x
+                  authorization_value: Basic abc
+                  claims: "Equals(`grp`, `admin`"
+              - name: oauth2-introspection
+                config:
+                  introspection_url: https://idp/x
+                  authorization_value: Basic abc
+                  forward_headers: {"Bad Header": grp}
+              - name: oauth2-introspection
+                config:
+                  introspection_url: https://idp/x
+                  authorization_value: Basic abc
+                  custom_introspection_headers: {x_path: "{{nope}}"}
+        """, tmp_path)
+    assert code == 1 and len(lines) == 3
+    assert lines[0].startswith("services[0].plugins[0]: config.claims: ") and "col" in lines[0]
+    assert lines[1] == ("services[0].plugins[1]: config.forward_headers: "
+                        "not a valid header name: 'Bad Header'")
+    assert lines[2].startswith("services[0].plugins[2]: config.custom_introspection_headers: ")
+
+
+def test_file_without_entry_of_ours_fails(capsys, tmp_path):
+    code, lines, err = run(capsys, """\
+        _format_version: "3.0"
+        plugins:
+          - name: key-auth
+        """, tmp_path)
+    assert code == 1 and lines == []
+    assert "no oauth2-introspection entry" in err
+
+
+@pytest.mark.parametrize("text", ["", "\n# only a comment\n", "---\n"])
+def test_empty_file_is_not_all_valid(capsys, tmp_path, text):
+    code, lines, err = run(capsys, text, tmp_path)
+    assert code == 1 and lines == [] and "empty" in err
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("plugins: [\n", "not YAML or JSON"),
+    ("- name: oauth2-introspection\n", "not a declarative config"),
+])
+def test_unparsable_file_exits_2(capsys, tmp_path, text, reason):
+    code, lines, err = run(capsys, text, tmp_path)
+    assert code == 2 and lines == [] and reason in err
+
+
+def test_unreadable_file_exits_2(capsys, tmp_path):
+    assert check.main([str(tmp_path / "missing.yml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert check.main([str(tmp_path)]) == 2  # a directory
+    assert "cannot read" in capsys.readouterr().err
+    binary = tmp_path / "binary.yml"
+    binary.write_bytes(b"plugins: \xff\xfe\n")
+    assert check.main([str(binary)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_json_declarative_config_accepted(capsys, tmp_path):
+    path = tmp_path / "kong.json"
+    path.write_text('{"plugins":\t[{"name": "oauth2-introspection", "config": '
+                    '{"introspection_url": "https://idp/x", "authorization_value": ""}}]}')
+    assert check.main([str(path)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "plugins[0]: config.authorization_value: length must be at least 1"]
+
+
+def test_help_and_usage(capsys):
+    assert check.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and "Exit codes" in out
+    assert check.main([]) == 2 and "usage:" in capsys.readouterr().err
+    assert check.main(["a.yml", "b.yml"]) == 2
+
+
+# --- through the installed command, as a user and CI run it ------------------------
+
+def _command(*args, stdin=None):
+    return subprocess.run([COMMAND, "check", *args], input=stdin, capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+
+
+def test_installed_command_exit_codes(tmp_path):
+    ok = _command(str(ROOT / "kong.yml"))
+    assert ok.returncode == 0 and "all valid" in ok.stdout, ok.stderr
+
+    bad = tmp_path / "bad.yml"
+    bad.write_text("plugins:\n" + GOOD.replace("Basic a29uZzpzZWNyZXQ=", '""'))
+    failed = _command(str(bad))
+    assert failed.returncode == 1
+    assert failed.stdout == "plugins[0]: config.authorization_value: length must be at least 1\n"
+
+    missing = _command(str(tmp_path / "nope.yml"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    assert "Traceback" not in missing.stderr + failed.stderr + ok.stderr
+
+
+def test_installed_command_reads_standard_input():
+    result = _command("-", stdin="plugins:\n" + GOOD)
+    assert result.returncode == 0 and "1 entry of oauth2-introspection, all valid" in result.stdout
+    empty = _command("-", stdin="")
+    assert empty.returncode == 1 and "all valid" not in empty.stdout
