@@ -12,13 +12,17 @@ Needs ``redis-server``, ``redis-sentinel`` and ``redis-cli``
 """
 
 import atexit
+import itertools
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -504,3 +508,136 @@ def redis_tls(tmp_path_factory, tls_certs):
         yield server
     finally:
         server.stop()
+
+
+# -- a process running the plugin's cache against Redis -------------------------------
+#
+# What the plugin server does for a miss, without the server: the real Config,
+# Introspector (HTTP to the IdP), RedisStore and TokenCache, driven over stdin/stdout
+# with one JSON object per line. Two of these sharing one Redis are two Kong nodes as
+# far as the cache is concerned.
+
+class CacheNode:
+    def __init__(self, plugin_conf: dict, *, breaker: bool = False, log_dir=None):
+        import tempfile
+        self.log_path = Path(tempfile.mkstemp(prefix="cache-node-", suffix=".log",
+                                              dir=log_dir)[1])
+        spec = json.dumps({"plugin": plugin_conf, "breaker": breaker})
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-u", __file__, "cache-node", spec],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log)
+        with _LIVE_LOCK:
+            _LIVE[self.proc.pid] = self.proc
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: Dict[int, Future] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            reply = json.loads(line)
+            with self._lock:
+                future = self._pending.pop(reply["id"], None)
+            if future is not None:
+                future.set_result(reply)
+        with self._lock:
+            for future in self._pending.values():
+                future.set_exception(RuntimeError("cache node exited"))
+            self._pending.clear()
+
+    def submit(self, op: str, **args) -> Future:
+        future: Future = Future()
+        with self._lock:
+            n = next(self._ids)
+            self._pending[n] = future
+            self.proc.stdin.write((json.dumps(dict(args, id=n, op=op)) + "\n").encode())
+            self.proc.stdin.flush()
+        return future
+
+    def call(self, op: str, timeout: float = 30, **args) -> dict:
+        return self.submit(op, **args).result(timeout)
+
+    def get(self, token: str, deadline: Optional[float] = None, timeout: float = 30) -> dict:
+        """{"active": bool, "claims": {...}, "s": seconds} or {"error": name, "s": ...}."""
+        return self.call("get", timeout, token=token, deadline=deadline)
+
+    def peek(self, token: str) -> Optional[dict]:
+        return self.call("peek", token=token)["claims"]
+
+    def wait_subscribed(self, timeout: float = 10.0):
+        deadline = time.monotonic() + timeout
+        while not self.call("status")["subscribed"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("cache node never subscribed: " + self.log())
+            time.sleep(0.02)
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self):
+        _kill(self.proc)
+
+    def stop(self):
+        self.kill()
+        self._log.close()
+
+
+def _cache_node_main(spec_json: str) -> None:
+    from kong_oauth2_introspection import breaker as breakers
+    from kong_oauth2_introspection.cache import Policy, TokenCache, cache_identity
+    from kong_oauth2_introspection.concurrency import Deadline, deadline_scope
+    from kong_oauth2_introspection.config import Config
+    from kong_oauth2_introspection.introspection import Introspector
+    from kong_oauth2_introspection.store import RedisStore
+
+    class Log:
+        def __getattr__(self, level):
+            return lambda msg: print(f"{level}: {msg}", file=sys.stderr, flush=True)
+
+    spec = json.loads(spec_json)
+    conf = Config.parse(spec["plugin"])
+    log = Log()
+    store = RedisStore.from_config(conf.store, log) if conf.store else None
+    cache = TokenCache(key_material=cache_identity(conf, {}), store=store)
+    introspector = Introspector(conf, log)
+    policy = Policy(ttl=conf.ttl, negative_ttl=conf.negative_ttl,
+                    stale_if_error=conf.stale_if_error,
+                    wait=conf.timeout * (conf.max_retries + 1))
+    brk = breakers.for_endpoint(conf.introspection_url, log) if spec.get("breaker") else None
+    out = threading.Lock()
+
+    def reply(cmd, **result):
+        with out:
+            sys.stdout.write(json.dumps(dict(result, id=cmd["id"])) + "\n")
+            sys.stdout.flush()
+
+    def run(cmd):
+        op = cmd["op"]
+        if op == "status":
+            return reply(cmd, subscribed=bool(store and store.subscribed),
+                         breaker=brk.state if brk else None)
+        token = cmd["token"]
+        key = cache.key(token)
+        if op == "peek":
+            entry = cache.peek(key, policy)
+            return reply(cmd, claims=entry.claims if entry else None)
+        start = time.monotonic()
+        deadline = Deadline(cmd["deadline"]) if cmd.get("deadline") else None
+        try:
+            with deadline_scope(deadline):
+                entry = cache.get(key, lambda: introspector.introspect(token), policy,
+                                  breaker=brk)
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            return reply(cmd, error=type(err).__name__, s=time.monotonic() - start)
+        reply(cmd, active=entry.active, claims=entry.claims, s=time.monotonic() - start)
+
+    for line in sys.stdin:
+        threading.Thread(target=run, args=(json.loads(line),), daemon=True).start()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["cache-node"]:
+        _cache_node_main(sys.argv[2])

@@ -10,7 +10,7 @@ from conftest import plugin_command
 from idp_double import INACTIVE, IdPDouble, Reply, active
 from kong_standin import KongStandIn
 from redis_servers import (ACL_PASSWORD, ACL_USER, MASTER_SET, PASSWORD,  # noqa: F401
-                           SENTINEL_PASSWORD, redis_cluster, redis_disposable,
+                           SENTINEL_PASSWORD, CacheNode, redis_cluster, redis_disposable,
                            redis_sentinel, redis_tls, tls_certs)
 from test_plugin_kong import SECRET, bearer, config
 
@@ -205,3 +205,128 @@ def test_plugin_follows_a_sentinel_failover(two_nodes, redis_sentinel):
         calls = len(idp.calls)
         assert b.request(ib, "GET", "/", headers=bearer(landed)).status == 200
         assert len(idp.calls) == calls     # node B read it from the new master
+
+
+# -- the wait protocol across processes: two processes running the plugin's cache
+#    (real Config, Introspector, RedisStore, TokenCache) against one real Redis ------
+
+@pytest.fixture
+def nodes(redis_disposable):
+    """Start cache processes sharing ``redis_disposable``; all stopped afterwards."""
+    started = []
+
+    def start(idp, **conf):
+        plugin = config(idp, store=store(redis_disposable), **conf)
+        node = CacheNode(plugin)
+        started.append(node)
+        node.wait_subscribed()
+        return node
+    yield start
+    for node in started:
+        node.stop()
+    for node in started:
+        log = node.log()
+        assert ACL_PASSWORD not in log and STORE_SECRET not in log and "tok-" not in log
+
+
+def commands(server, name):
+    stats = server.client().info("commandstats")
+    return stats.get(f"cmdstat_{name}", {}).get("calls", 0)
+
+
+def race(a, b, token, b_after=0.2, deadline=None):
+    """A asks first; B asks the same token while A is still at the IdP."""
+    first = a.submit("get", token=token, deadline=deadline)
+    time.sleep(b_after)
+    second = b.submit("get", token=token, deadline=deadline)
+    return first.result(30), second.result(30)
+
+
+def test_waiter_in_another_process_is_woken_with_the_stored_answer(nodes, redis_disposable):
+    with claims_idp(delay=1.0) as idp:
+        a, b = nodes(idp), nodes(idp)
+        redis_disposable.client().config_resetstat()
+        ra, rb = race(a, b, "tok-wake-stored")
+        assert ra["active"] and rb["active"] and rb["claims"] == ra["claims"]
+        assert len(idp.calls) == 1
+        # Woken when A finished (about 0.8 s after B asked), not after a poll period.
+        assert rb["s"] < 1.2
+        # No polling: B read the store a handful of times, not every few ms.
+        assert commands(redis_disposable, "get") <= 4
+
+
+def test_stored_answer_reaches_the_other_process_without_a_request(nodes, redis_disposable):
+    with claims_idp() as idp:
+        a, b = nodes(idp), nodes(idp)
+        assert a.get("tok-pushed")["active"]
+        deadline = time.monotonic() + 1
+        while b.peek("tok-pushed") is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert b.peek("tok-pushed") is not None
+        redis_disposable.client().config_resetstat()
+        assert b.get("tok-pushed")["active"]
+        assert commands(redis_disposable, "get") == 0 and len(idp.calls) == 1
+
+
+def test_no_store_answer_is_not_shared_the_waiter_asks_itself(nodes):
+    with IdPDouble(lambda f, h: Reply(200, {"active": True, "sub": "u"},
+                                      {"Cache-Control": "no-store"}, delay=0.6)) as idp:
+        a, b = nodes(idp), nodes(idp)
+        ra, rb = race(a, b, "tok-nostore-race")
+        assert ra["active"] and rb["active"]
+        assert len(idp.calls) == 2
+        # Woken by A's announcement (~0.4 s), then its own call (0.6 s): not 10 s.
+        assert rb["s"] < 1.6
+
+
+def test_leaders_failure_is_shared_at_once(nodes):
+    with IdPDouble(lambda f, h: Reply(503, delay=0.6)) as idp:
+        a, b = nodes(idp), nodes(idp)
+        ra, rb = race(a, b, "tok-fail-race")
+        assert ra["error"] == "IntrospectionError" and rb["error"] == "IntrospectionError"
+        assert len(idp.calls) == 1 and rb["s"] < 1.0
+
+
+def test_inactive_answer_shared_even_when_not_cached(nodes):
+    with IdPDouble(lambda f, h: Reply(200, {"active": False}, delay=0.6)) as idp:
+        a, b = nodes(idp, negative_ttl=0), nodes(idp, negative_ttl=0)
+        ra, rb = race(a, b, "tok-inactive-race")
+        assert ra["active"] is False and rb["active"] is False
+        assert len(idp.calls) == 1 and rb["s"] < 1.0
+
+
+def test_leader_killed_the_waiter_takes_over_when_the_lease_expires(nodes):
+    slow = {"first": True}
+
+    def behaviour(form, headers):
+        delay = 5.0 if slow.pop("first", False) else 0.0
+        return Reply(200, {"active": True, "sub": "u"}, delay=delay)
+    with IdPDouble(behaviour) as idp:
+        # timeout 1 s, no retries: a lease lasts 1.5 s at most.
+        a, b = nodes(idp, timeout=1000), nodes(idp, timeout=1000)
+        a.submit("get", token="tok-dead-leader")
+        time.sleep(0.2)
+        a.kill()
+        rb = b.get("tok-dead-leader")
+        assert rb["active"] and len(idp.calls) == 2
+        assert 0.8 < rb["s"] < 2.5
+
+
+def test_waiter_gives_up_at_its_deadline_not_later(nodes):
+    with claims_idp(delay=2.0) as idp:
+        a, b = nodes(idp, timeout=5000), nodes(idp, timeout=5000)
+        first = a.submit("get", token="tok-deadline")
+        time.sleep(0.2)
+        rb = b.get("tok-deadline", deadline=0.4)
+        assert rb["error"] == "DeadlineExceeded" and 0.35 < rb["s"] < 0.7
+        assert first.result(10)["active"] and len(idp.calls) == 1
+
+
+def test_herd_on_two_processes_asks_the_idp_once_per_token(nodes):
+    with claims_idp(delay=0.3) as idp:
+        a, b = nodes(idp), nodes(idp)
+        tokens = [f"tok-herd-{i}" for i in range(10)]
+        futures = [(a if i % 2 else b).submit("get", token=tokens[i % 10]) for i in range(100)]
+        results = [f.result(30) for f in futures]
+        assert all(r.get("active") for r in results), results
+        assert sorted(idp.tokens) == sorted(tokens)
