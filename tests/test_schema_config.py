@@ -121,6 +121,8 @@ def test_empty_string_refused_where_kong_refuses_it():
     assert _errors(token_type_hint="") == ["config.token_type_hint: length must be at least 1"]
     assert _errors(custom_introspection_headers={"x_tenant": ""}) == [
         "config.custom_introspection_headers.x_tenant: length must be at least 1"]
+    assert _errors(forward_headers={"": "sub"}) == [
+        "config.forward_headers: key '': length must be at least 1"]
     assert _errors(custom_claims_forward=["scope", ""]) == [
         "config.custom_claims_forward.2: length must be at least 1"]
     assert _errors(token_source={"header": ""}) == [
@@ -289,6 +291,8 @@ def test_kong_schema_restricts_consumer_and_protocols():
 def test_plugin_entity_rules():
     entry = {"name": "oauth2-introspection", "config": dict(BASE)}
     assert schema.INTROSPECTION.validate_plugin(entry) == []
+    # A null consumer is exactly what no_consumer asks for.
+    assert schema.INTROSPECTION.validate_plugin(dict(entry, consumer=None, tags=None)) == []
     assert [str(v) for v in schema.INTROSPECTION.validate_plugin(
         dict(entry, consumer={"id": "8d2f1c5e-0000-4000-8000-000000000000"},
              protocols=["https", "tcp"], enabled="yes", colour=1))] == [

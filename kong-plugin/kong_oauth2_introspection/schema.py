@@ -191,13 +191,12 @@ class PluginSchema:
                 continue
             if name not in _PLUGIN_ENTITY:
                 errors.append(Violation(str(name), "unknown field"))
-            else:
+            elif value is not None:
                 _field(_PLUGIN_ENTITY[name], value, str(name), errors, True)
         for name, spec in restricted.items():
-            if name in entry:
+            # null is what no_consumer asks for; an absent set gets its default.
+            if entry.get(name) is not None:
                 _field(spec, entry[name], name, errors, True)
-            elif "default" not in spec and spec.get("required"):
-                errors.append(Violation(name, "required field missing"))
         _, config_errors = self.validate({} if entry.get("config") is None else entry["config"])
         return errors + config_errors
 
@@ -338,7 +337,9 @@ def _field(spec: Spec, value: Any, path: str, errors: List[Violation], strict: b
         out_map = {}
         for key, item in mapping.items():
             where = f"{path}.{key}"
-            _field(spec["keys"], key, where, errors, strict)
+            key_errors: List[Violation] = []
+            _field(spec["keys"], key, where, key_errors, strict)
+            errors.extend(Violation(path, f"key {key!r}: {e.message}") for e in key_errors)
             if item is None:
                 errors.append(Violation(where, "required field missing"))
                 continue
