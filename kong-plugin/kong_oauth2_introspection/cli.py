@@ -1,43 +1,176 @@
 """The ``kong-oauth2-introspection`` command.
 
-- no sub-command: kong-pdk's dedicated plugin server (``-dump`` for Kong's
-  query command, ``-kong-prefix DIR`` to serve ``DIR/oauth2-introspection.sock``);
-- ``check FILE``: validate the plugin's entries of a declarative config offline;
-- ``docs``: print the option table generated from the schema.
+    kong-oauth2-introspection serve -kong-prefix DIR   what Kong's start_cmd runs
+    kong-oauth2-introspection dump                     what Kong's query_cmd runs
+    kong-oauth2-introspection check FILE               a declarative config, offline
+    kong-oauth2-introspection guard                    the Kong-side fail-closed guard
+    kong-oauth2-introspection purge ...                drop cached answers cluster-wide
+    kong-oauth2-introspection docs                     the option table (Markdown)
+
+kong-pdk's own command line is accepted as it is (``-kong-prefix DIR``, ``-dump``,
+``-v``, ``--socket-name``, ``--listen-queue-size``, ``--no-lua-style``, ``-g``), so
+a kong.conf written for a kong-pdk plugin keeps working. ``-m`` is refused: a
+process pool runs only cpu_count events at once, and under a slow IdP the rest
+wait past Kong's 60 s and pass unauthenticated.
+
+Exit codes: 0 success; 1 the subcommand's negative answer (``check`` found
+problems); 2 usage or input errors. Errors are one line on stderr, never a
+traceback.
 """
 
+import argparse
+import importlib
+import json
+import os
 import sys
+from typing import Callable, Dict, List, Optional
+
+from . import NAME, VERSION
+
+PROG = "kong-oauth2-introspection"
+
+# subcommand -> (module, help); each module has ``main(argv) -> int``.
+_DELEGATED: Dict[str, tuple] = {
+    "check": ("check", "check the plugin entries of a declarative config (kong.yml) offline"),
+    "guard": ("guard", "print the post-function guard that makes Kong fail closed"),
+    "purge": ("purge", "drop cached introspection answers on every node sharing Redis"),
+}
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["check"]:
-        from .check import main as check_main
-        return check_main(argv[1:])
-    if argv[:1] == ["docs"]:
-        from .schema import markdown_table
-        sys.stdout.write(markdown_table())
-        return 0
-    return serve(argv)
+def _plugins():
+    from .plugins import ALL
+    return ALL
 
 
-def serve(argv):
-    if "-g" in argv or "--gevent" in argv:
-        # Greenlets need cooperative sockets for requests and redis-py.
-        from gevent import monkey
-        monkey.patch_all()
-    # The plugin is written against python-style PDK calls (exceptions, one value).
-    if "--no-lua-style" not in argv:
-        argv.append("--no-lua-style")
-    sys.argv = [sys.argv[0]] + argv
-
-    from kong_pdk.cli import start_dedicated_server
-
-    from . import NAME, PRIORITY, VERSION
-    from .handler import Plugin
-    from .schema import kong_fields
-    start_dedicated_server(NAME, Plugin, VERSION, PRIORITY, kong_fields())
+def dump(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"{PROG} dump",
+                                     description="Print the plugins' info as Kong's query_cmd "
+                                                 "reads it (JSON on stdout).")
+    parser.parse_args(argv)
+    from .server.listener import plugin_info
+    sys.stdout.write(json.dumps([plugin_info(cls) for cls in _plugins()]))
     return 0
+
+
+def docs(argv: List[str]) -> int:
+    argparse.ArgumentParser(prog=f"{PROG} docs",
+                            description="Print the option table, generated from the schema."
+                            ).parse_args(argv)
+    from .schema import markdown_table
+    sys.stdout.write(markdown_table())
+    return 0
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} serve",
+        description="Run the plugin server Kong's start_cmd starts: serves "
+                    "PREFIX/oauth2-introspection.sock until Kong stops it.")
+    parser.add_argument("-p", "--kong-prefix", "-kong-prefix", dest="prefix",
+                        default="/usr/local/kong/", help="directory of the Unix socket "
+                        "(default: %(default)s)")
+    parser.add_argument("--socket-name", default=NAME + ".sock",
+                        help="socket file name (default: %(default)s)")
+    parser.add_argument("--listen-queue-size", type=int, default=4096)
+    parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                        help="answer every event within this many seconds, whatever the IdP "
+                             "or Redis do (default 30, at most 50: Kong gives up at 60)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="threads for blocking calls (IdP, Redis, Admin API; default 256)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log lines (never RPC messages: they hold tokens)")
+    parser.add_argument("--no-lua-style", action="store_true",
+                        help="accepted for kong-pdk compatibility; always on")
+    parser.add_argument("-g", "--gevent", action="store_true",
+                        help="accepted for kong-pdk compatibility: the server is always "
+                             "event-driven")
+    parser.add_argument("-m", "--multiprocessing", action="store_true",
+                        help="refused: see the README's 'Which mode to run'")
+    parser.add_argument("-dump", "--dump", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def serve(argv: List[str]) -> int:
+    args = _serve_parser().parse_args(argv)
+    if args.dump:
+        return dump([])
+    from .log import LOG
+    from .server.listener import (DEFAULT_DEADLINE, DEFAULT_WORKERS, MAX_DEADLINE,
+                                  PluginServer)
+    from .server.listener import serve as run
+    if args.multiprocessing:
+        _fail("-m is not supported: a process pool runs only as many events as there are "
+              "CPUs, and under a slow IdP the rest wait past Kong's 60 s and pass "
+              "unauthenticated. Run without it.")
+        return 2
+    deadline = DEFAULT_DEADLINE if args.deadline is None else args.deadline
+    if not 1 <= deadline <= MAX_DEADLINE:
+        _fail(f"--deadline must be between 1 and {MAX_DEADLINE:g} seconds")
+        return 2
+    workers = DEFAULT_WORKERS if args.workers is None else args.workers
+    if workers < 1:
+        _fail("--workers must be at least 1")
+        return 2
+    if not os.path.isdir(args.prefix):
+        _fail(f"kong prefix {args.prefix!r} is not a directory")
+        return 2
+    LOG.threshold = 10 if args.verbose else 20
+    server = PluginServer(_plugins(), deadline=deadline, workers=workers, log=LOG)
+    run(os.path.join(args.prefix, args.socket_name), server, backlog=args.listen_queue_size)
+    return 0
+
+
+def _fail(message: str) -> None:
+    print(f"{NAME}: {message}", file=sys.stderr)
+
+
+def _delegate(name: str) -> Callable[[List[str]], int]:
+    module, _ = _DELEGATED[name]
+
+    def run(argv: List[str]) -> int:
+        try:
+            mod = importlib.import_module("." + module, __package__)
+        except ImportError:
+            _fail(f"{name} is not available in this build")
+            return 2
+        return mod.main(argv)
+    return run
+
+
+def _usage() -> str:
+    lines = [f"usage: {PROG} [--version] COMMAND [ARGS]", "", "commands:",
+             "  serve   run the plugin server (Kong's start_cmd; -kong-prefix DIR)",
+             "  dump    print the plugin info Kong's query_cmd reads"]
+    lines += [f"  {n:<7} {h}" for n, (_, h) in _DELEGATED.items()]
+    lines += ["  docs    print the option table generated from the schema", "",
+              f"'{PROG} COMMAND --help' tells more."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(_usage(), file=sys.stdout if argv else sys.stderr)
+            return 0 if argv else 2
+        if argv[0] in ("--version", "-version", "version"):
+            print(f"{NAME} {VERSION}")
+            return 0
+        command, rest = argv[0], argv[1:]
+        if command.startswith("-"):  # kong-pdk's command line: serve, or -dump
+            command, rest = "serve", argv
+        commands: Dict[str, Callable[[List[str]], int]] = {"serve": serve, "dump": dump,
+                                                           "docs": docs}
+        commands.update({name: _delegate(name) for name in _DELEGATED})
+        if command not in commands:
+            _fail(f"unknown command {command!r}")
+            print(_usage(), file=sys.stderr)
+            return 2
+        return commands[command](rest)
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,17 +9,22 @@ A Python plugin hears no consumer events, so lookups are remembered only
 briefly: a consumer created after a miss is found within NEGATIVE_TTL seconds.
 """
 
+import json
 import os
 import threading
 from typing import Any, Dict, Optional
 from urllib.parse import quote
 
-import requests
 from cachetools import TTLCache
+from kong_pdk.exception import PDKException
+
+from .concurrency import DeadlineExceeded, blocking
+from .httpclient import HTTPClient, HTTPFailure
 
 POSITIVE_TTL = 10.0
 NEGATIVE_TTL = 2.0
 ADMIN_TIMEOUT = 2.0
+MAX_ADMIN_ANSWER = 1024 * 1024
 _MISSING = object()
 
 
@@ -57,7 +62,7 @@ class ConsumerFinder:
         if admin_token:
             self._admin_headers["Kong-Admin-Token"] = admin_token
         self._memo = _Memo()
-        self._session: Optional[requests.Session] = None
+        self._http: Optional[HTTPClient] = None
 
     def for_claims(self, kong, claims: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         """The consumer the answer maps to, or None."""
@@ -70,7 +75,7 @@ class ConsumerFinder:
             if self.claim == "username":
                 consumer = self._by_username(kong, value)
             else:
-                consumer = self._by_custom_id(value)
+                consumer = blocking(self._by_custom_id, value)
             self._memo.put(key, consumer)
         return consumer
 
@@ -79,13 +84,13 @@ class ConsumerFinder:
         key = ("anonymous", ref)
         consumer = self._memo.get(key)
         if consumer is _MISSING:
-            consumer = kong.client.load_consumer(ref, True) or None
+            consumer = _load_consumer(kong, ref)
             self._memo.put(key, consumer)
         return consumer
 
     @staticmethod
     def _by_username(kong, username: str):
-        consumer = kong.client.load_consumer(username, True)
+        consumer = _load_consumer(kong, username)
         # load_consumer tries the value as an id first: a username that happens to
         # be another consumer's id must not become that consumer.
         if consumer and consumer.get("username") == username:
@@ -93,19 +98,32 @@ class ConsumerFinder:
         return None
 
     def _by_custom_id(self, custom_id: str):
-        if self._session is None:
-            self._session = requests.Session()
-            self._session.trust_env = False
+        if self._http is None:
+            self._http = HTTPClient(pool_maxsize=16)
         url = f"{self.admin_url}/consumers?custom_id={quote(custom_id, safe='')}"
         try:
-            response = self._session.get(url, headers=self._admin_headers,
-                                         timeout=ADMIN_TIMEOUT)
-            response.raise_for_status()
-            data = response.json().get("data") or []
-        except (requests.RequestException, ValueError, AttributeError) as err:
+            reply = self._http.request("GET", url, headers=self._admin_headers,
+                                       timeout=ADMIN_TIMEOUT, max_bytes=MAX_ADMIN_ANSWER)
+            if reply.status != 200:
+                raise ConsumerLookupError("Kong Admin API answered HTTP %d" % reply.status)
+            data = json.loads(reply.body).get("data") or []
+        except (HTTPFailure, DeadlineExceeded, ValueError, AttributeError) as err:
             raise ConsumerLookupError("Kong Admin API lookup failed (%s)"
                                       % type(err).__name__) from None
         for consumer in data:
             if isinstance(consumer, dict) and consumer.get("custom_id") == custom_id:
                 return consumer
         return None
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+
+
+def _load_consumer(kong, ref: str) -> Optional[Dict[str, Any]]:
+    """``load_consumer`` by id, else by username; a failed read is "no consumer"."""
+    try:
+        consumer = kong.client.load_consumer(ref, True)
+    except PDKException:
+        return None
+    return consumer if isinstance(consumer, dict) else None

@@ -1,184 +1,205 @@
 """The plugin's access phase: find the token, ask the IdP (or the cache),
 check the answer, tell the upstream who the caller is.
 
-kong-pdk builds one ``Plugin`` per plugin config (StartInstance) and calls
-``access`` for every request, on a thread of its own.
+The plugin server builds one ``Plugin`` per instance Kong starts (one per config
+and nginx worker) and calls ``access`` for every request, as a greenlet on its
+event loop: PDK calls are round trips to Kong, and anything that blocks goes
+through ``concurrency.blocking``.
+
+Every path ends in exactly one of: ``kong.response.exit`` (refused), or one
+``set_headers`` call that sets or clears every identity header this config owns
+followed by ``kong.client.authenticate`` (let through; the Kong-side guard lets
+through only requests that were authenticated), or the one deliberate pass
+without authentication, a CORS preflight when ``run_on_preflight`` is false.
 """
 
 import hashlib
 import json
-import sys
-import threading
+import time
 from typing import Any, Dict, Optional
 
-from cachetools import LRUCache
-
-from . import NAME, responses
+from . import NAME, PRIORITY, VERSION, body, responses
+from . import schema as schema_module
 from .cache import Policy, TokenCache
 from .claims import MISSING, resolve
+from .concurrency import DeadlineExceeded, blocking
 from .config import Config, ConfigError
 from .consumers import ConsumerFinder, ConsumerLookupError
-from .introspection import IntrospectionError, Introspector
-from .request import IncomingRequest
+from .introspection import IntrospectionError, Introspector, certificate_fingerprint, usable
+from .log import LOG
+from .request import IncomingRequest, Uninspectable
 from .responses import Refusal
+from .server.registry import Registry
 from .store import RedisStore
-from .tokens import MalformedToken, TokenFinder, without_cookie
-from .upstream import consumer_headers, credential_headers, drop_spoofed, header_value
+from .tokens import Found, MalformedToken, TokenFinder, without_cookie
+from .upstream import IdentityHeaders, consumer_headers, credential_headers, header_value
 
 LOG_PREFIX = NAME + ": "
-# Guards both registries below; re-entered when a new runtime looks up its cache.
-_RUNTIMES_LOCK = threading.RLock()
 
 
-class StderrLog:
-    """Log lines written before any request exists; Kong copies them to its error log."""
+def idp_identity(conf: Config, static_headers: Dict[str, str]) -> str:
+    """Exactly what changes the IdP's answer about a token: configs that agree
+    here may share answers; the HMAC of every cache key is keyed with it."""
+    return json.dumps([conf.introspection_url, conf.authorization_value,
+                       certificate_fingerprint(conf.client_tls.cert), conf.token_type_hint,
+                       static_headers], sort_keys=True)
 
-    def _write(self, level, msg):
-        print(f"[{NAME}] {level}: {msg}", file=sys.stderr, flush=True)
 
-    def info(self, msg):
-        self._write("info", msg)
+class SharedCache:
+    """A token cache and its Redis pool, shared by every runtime of one identity."""
 
-    def warn(self, msg):
-        self._write("warn", msg)
+    def __init__(self, identity: str, store_conf: Optional[Dict[str, Any]]):
+        store = RedisStore.from_config(store_conf, LOG) if store_conf else None
+        # The store's connection settings (a password among them) are not key
+        # material: rotating a password keeps every cached answer reachable.
+        self.cache = TokenCache(key_material=identity.encode(), store=store)
 
-    def err(self, msg):
-        self._write("error", msg)
+    def close(self) -> None:
+        if self.cache.store is not None:
+            self.cache.store.close()
+
+
+# Answers are shared by configs that ask the same IdP as the same client through
+# the same store; decisions are still each config's own.
+CACHES: "Registry[SharedCache]" = Registry(idle=8)
 
 
 class Runtime:
     """Everything built once from a config: the per-request path only uses it."""
 
-    def __init__(self, conf: Config, log):
+    def __init__(self, conf: Config):
         self.conf = conf
         self.tokens = TokenFinder(conf.token_source)
         templates = conf.custom_introspection_headers
         self.static_headers = {n: t.text for n, t in templates if t.plain}
         self.dynamic_headers = tuple((n, t) for n, t in templates if not t.plain)
-        self.introspector = Introspector(conf, log)
+        self.introspector = Introspector(conf, LOG)
         self.introspector.headers.update(self.static_headers)
         self.consumers = ConsumerFinder(conf.consumer_by)
-        self.cache = _shared_cache(conf, self.static_headers, log)
+        self.headers = IdentityHeaders(conf)
+        identity = idp_identity(conf, self.static_headers)
+        self._cache_key = (identity, json.dumps(conf.store, sort_keys=True, default=str))
+        self.cache = CACHES.acquire(self._cache_key,
+                                    lambda: SharedCache(identity, conf.store)).cache
         self.policy = Policy(ttl=conf.ttl, negative_ttl=conf.negative_ttl,
                              stale_if_error=conf.stale_if_error,
                              wait=conf.timeout * (conf.max_retries + 1))
+        self.strip = () if conf.forward_authorization else ("authorization",)
+
+    def close(self) -> None:
+        self.introspector.close()
+        self.consumers.close()
+        CACHES.release(self._cache_key)
 
 
-# Configs that ask the same IdP as the same client (and share a store) share one
-# cache: what the IdP said about a token does not depend on the route. Decisions
-# are still each config's own.
-_CACHES: Dict[str, TokenCache] = {}
+class Unusable:
+    """A config the plugin cannot use: every request under it gets 500, logged."""
+
+    def __init__(self, error: ConfigError):
+        self.error = error
+
+    def close(self) -> None:
+        pass
 
 
-def _shared_cache(conf: Config, static_headers, log) -> TokenCache:
-    identity = json.dumps([conf.introspection_url, conf.authorization_value,
-                           conf.token_type_hint, static_headers, conf.store],
-                          sort_keys=True, default=str)
-    with _RUNTIMES_LOCK:
-        cache = _CACHES.get(identity)
-        if cache is None:
-            store = RedisStore.from_config(conf.store, log) if conf.store else None
-            cache = _CACHES[identity] = TokenCache(key_material=identity.encode(), store=store)
-    return cache
-
-
-# Instances with the same config share one runtime. In kong-pdk's
-# multiprocessing mode the Plugin is pickled for every event; the registry makes each
-# worker process build a runtime once per config, not once per request.
-_RUNTIMES: LRUCache = LRUCache(maxsize=256)
-
-
-def _runtime_for(raw: Any):
-    """A Runtime for ``raw``, or the ConfigError that makes it unusable."""
-    conf_only = {k: v for k, v in raw.items() if not k.startswith("__")} \
-        if isinstance(raw, dict) else raw
-    ident = hashlib.sha256(json.dumps(conf_only, sort_keys=True, default=str).encode()).hexdigest()
-    with _RUNTIMES_LOCK:
-        runtime = _RUNTIMES.get(ident)
-        if runtime is None:
-            log = StderrLog()
-            try:
-                runtime = Runtime(Config.parse(conf_only), log)
-            except ConfigError as err:
-                runtime = err
-            except Exception as err:  # noqa: BLE001 - e.g. unreadable PEM; its text may hold secrets
-                runtime = ConfigError("config", "cannot be used (%s)" % type(err).__name__)
-            if isinstance(runtime, ConfigError):
-                log.err("unusable config, every request under it gets 500: %s" % runtime)
-            _RUNTIMES[ident] = runtime
+def _build(conf_only: Dict[str, Any]):
+    try:
+        return Runtime(Config.parse(conf_only))
+    except ConfigError as err:
+        runtime: Any = Unusable(err)
+    except Exception as err:  # noqa: BLE001 - e.g. unreadable PEM; its text may hold secrets
+        runtime = Unusable(ConfigError("config", "cannot be used (%s)" % type(err).__name__))
+    LOG.err("unusable config, every request under it gets 500: %s" % runtime.error)
     return runtime
 
 
+# Instances whose configs have equal plugin fields share one runtime, whatever
+# keys Kong adds around them (route_id, __seq__, ...).
+RUNTIMES: "Registry[Any]" = Registry(idle=16)
+
+
 class Plugin:
-    def __init__(self, config):
-        self._raw = config
-        self._runtime = _runtime_for(config)
+    NAME = NAME
+    VERSION = VERSION
+    PRIORITY = PRIORITY
+    PHASES = ("access",)
 
-    def __getstate__(self):
-        return {"raw": self._raw}
+    @staticmethod
+    def kong_schema() -> Dict[str, Any]:
+        full = getattr(schema_module, "kong_schema", None)
+        if full is not None:
+            return full()
+        return {"name": NAME, "fields": [{"config": {"type": "record",
+                                                     "fields": schema_module.kong_fields()}}]}
 
-    def __setstate__(self, state):
-        self.__init__(state["raw"])
+    def __init__(self, config: Any):
+        conf_only = schema_module.from_kong(config)
+        self._key: Optional[str] = hashlib.sha256(
+            json.dumps(conf_only, sort_keys=True, default=str).encode()).hexdigest()
+        self._runtime = RUNTIMES.acquire(self._key, lambda: _build(conf_only))
 
-    def access(self, kong):
-        # An exception reaching kong-pdk would leave Kong's RPC unanswered, and Kong
-        # then lets the request through: every failure must end in a response.
+    def close(self) -> None:
+        key, self._key = self._key, None
+        if key is not None:
+            RUNTIMES.release(key)
+
+    def access(self, kong) -> None:
+        # An exception reaching the server is answered 500 there too; here it is
+        # logged with the plugin's name and answered the same way.
         try:
             runtime = self._runtime
-            if isinstance(runtime, ConfigError):
-                kong.log.err(LOG_PREFIX + "unusable config: %s" % runtime)
+            if isinstance(runtime, Unusable):
+                kong.log.err(LOG_PREFIX + "unusable config: %s" % runtime.error)
                 return _exit(kong, responses.SERVER_ERROR)
             _Access(runtime, kong).run()
+        except DeadlineExceeded:
+            kong.log.err(LOG_PREFIX + "request deadline exceeded")
+            _exit(kong, responses.SERVER_ERROR)
         except Exception as err:  # noqa: BLE001 - the last line of defence
-            try:
-                kong.log.err(LOG_PREFIX + "internal error: %s" % type(err).__name__)
-                _exit(kong, responses.SERVER_ERROR)
-            except Exception:  # noqa: BLE001 - Kong is gone; nothing left to tell
-                pass
+            kong.log.err(LOG_PREFIX + "internal error: %s" % type(err).__name__)
+            _exit(kong, responses.SERVER_ERROR)
 
 
-def _exit(kong, refusal: Refusal):
+def _exit(kong, refusal: Refusal) -> None:
     kong.response.exit(refusal.status, refusal.body, refusal.headers)
 
 
 class _Access:
     """One request through the plugin."""
 
+    found: Optional[Found] = None
+
     def __init__(self, runtime: Runtime, kong):
         self.rt = runtime
         self.conf = runtime.conf
         self.kong = kong
 
-    def run(self):
+    def run(self) -> None:
         conf, kong = self.conf, self.kong
-        req = self.req = IncomingRequest(kong)
-        if not conf.run_on_preflight and req.method == "OPTIONS":
-            return
-        if conf.anonymous and kong.client.get_credential():
-            return  # another auth plugin already succeeded: logical OR
-
         try:
+            req = self.req = IncomingRequest(kong)
+            if not conf.run_on_preflight and req.method == "OPTIONS":
+                # The one pass without authentication (the guard knows it too).
+                return kong.service.request.set_headers(self.rt.headers.table(req.headers, {}))
+            if conf.anonymous and kong.client.get_credential():
+                # Another authentication plugin already succeeded: logical OR.
+                return kong.service.request.set_headers(dict(self.rt.headers.cleared_extras))
             self.found = self.rt.tokens.find(req)
+        except Uninspectable as why:
+            kong.log.info(LOG_PREFIX + "request refused: %s" % why)
+            return _exit(kong, responses.BAD_REQUEST)
         except MalformedToken as why:
             kong.log.info(LOG_PREFIX + "unusable token: %s" % why)
-            self.found = None
-            return self.refuse(responses.MISSING_TOKEN)
+            if why.ambiguous:
+                return _exit(kong, responses.BAD_REQUEST)
+            return self.refuse(responses.INVALID_TOKEN)
         if self.found is None:
             return self.refuse(responses.MISSING_TOKEN)
 
-        extra = self.introspection_headers()
-        context = json.dumps(extra, sort_keys=True) if extra else ""
-        key = self.rt.cache.key(self.found.token, context)
-        token = self.found.token
-        try:
-            entry = self.rt.cache.get(key, lambda: self.rt.introspector.introspect(token, extra),
-                                      self.rt.policy)
-        except IntrospectionError as err:
-            kong.log.err(LOG_PREFIX + str(err))
+        claims = self.introspect(self.found.token)
+        if claims is None:
             return _exit(kong, responses.SERVER_ERROR)
-
-        claims = entry.claims
-        if not entry.active:
+        if not usable(claims, time.time()):
             return self.refuse(responses.INVALID_TOKEN)
         if conf.claims is not None and not conf.claims.evaluate(claims):
             # Authorization, not authentication, failed: no anonymous fallback.
@@ -190,12 +211,12 @@ class _Access:
             kong.log.err(LOG_PREFIX + str(err))
             return _exit(kong, responses.SERVER_ERROR)
 
-        headers = credential_headers(conf, claims)
+        values = credential_headers(conf, claims)
         if consumer:
-            headers.update(consumer_headers(consumer))
-        self.send_upstream(headers, strip_authorization=not conf.forward_authorization)
+            values.update(consumer_headers(consumer))
+        self.send_upstream(values)
 
-        credential: Dict[str, Any] = {"id": self.rt.cache.credential_id(key)}
+        credential: Dict[str, Any] = {"id": self.rt.cache.credential_id(self.key)}
         if consumer:
             credential["consumer_id"] = consumer.get("id")
         if conf.username_claim:
@@ -205,6 +226,24 @@ class _Access:
                 kong.log.set_serialize_value("authenticated_entity.username",
                                              credential["username"])
         kong.client.authenticate(consumer, credential)
+
+    def introspect(self, token: str) -> Optional[Dict[str, Any]]:
+        """The IdP's claims about ``token`` (cached); None when it cannot be asked."""
+        extra = self.introspection_headers()
+        context = json.dumps(extra, sort_keys=True) if extra else ""
+        cache, policy = self.rt.cache, self.rt.policy
+        key = self.key = cache.key(token, context)
+        peek = getattr(cache, "peek", None)
+        entry = peek(key, policy) if peek is not None else None
+        if entry is None:
+            introspector = self.rt.introspector
+            try:
+                entry = blocking(cache.get, key,
+                                 lambda: introspector.introspect(token, extra), policy)
+            except (IntrospectionError, DeadlineExceeded) as err:
+                self.kong.log.err(LOG_PREFIX + (str(err) or type(err).__name__))
+                return None
+        return entry.claims
 
     def introspection_headers(self) -> Optional[Dict[str, str]]:
         """Headers for the IdP that depend on this request (they join the cache key)."""
@@ -217,7 +256,7 @@ class _Access:
             extra["X-Request-Http-Method"] = req.method
         return extra
 
-    def refuse(self, refusal: Refusal):
+    def refuse(self, refusal: Refusal) -> None:
         conf, kong = self.conf, self.kong
         if not conf.anonymous:
             return _exit(kong, refusal)
@@ -228,21 +267,27 @@ class _Access:
         self.send_upstream(consumer_headers(consumer, anonymous=True))
         kong.client.authenticate(consumer, None)
 
-    def send_upstream(self, headers, strip_authorization=False):
-        """One set_headers call: our headers, removals of spoofed ones, hidden token."""
-        kong, found = self.kong, self.found
-        extra = ["authorization"] if strip_authorization else []
+    def send_upstream(self, values: Dict[str, str]) -> None:
+        """One set_headers call (identity headers, hidden token), then, only when the
+        token must be hidden from the query or body, one targeted write."""
+        kong, found, req = self.kong, self.found, self.req
         hide = found is not None and self.conf.hide_credentials
+        remove = list(self.rt.strip)
         if hide and found.where == "header":
-            extra.append(found.name)
+            remove.append(found.name)
         elif hide and found.where == "cookie":
             rest = "; ".join(filter(None, (without_cookie(h, found.name)
-                                           for h in self.req.headers.get("cookie", []))))
-            headers["Cookie"] = rest if rest else []
-        kong.service.request.set_headers(drop_spoofed(self.conf, self.req.headers, headers, extra))
+                                           for h in req.headers.get("cookie", []))))
+            values = dict(values, Cookie=rest) if rest else values
+            if not rest:
+                remove.append("cookie")
+        kong.service.request.set_headers(self.rt.headers.table(req.headers, values, remove))
         if hide and found.where == "query":
-            query = {k: v for k, v in self.req.query.items() if k != found.name}
-            kong.service.request.set_query(query)
+            # Removes every copy of that one argument; the others, seen or not, stay.
+            kong.service.request.clear_query_arg(found.name)
         elif hide and found.where == "body":
-            body = {k: v for k, v in self.req.body.items() if k != found.name}
-            kong.service.request.set_body(body)
+            raw = req.raw_body
+            rest_body = body.without_field(raw, req.header("content-type"), found.name) \
+                if raw else None
+            if rest_body is not None:
+                kong.service.request.set_raw_body(rest_body)

@@ -1,12 +1,16 @@
 """Asking the authorization server about a token (RFC 7662).
 
-One pooled ``requests.Session`` per plugin instance: connections are reused
-for ``keepalive``; ``timeout`` bounds connecting and each read; failures are
-retried ``max_retries`` times with backoff, only when the server gave no
-answer (connection error, timeout) or a 5xx.
+One pooled HTTP client per IdP identity. Each attempt is bounded in total time
+by ``timeout`` and every attempt, retry and backoff by the request's deadline
+(``concurrency``); answers larger than ``MAX_ANSWER_BYTES`` are refused while
+they are read. Failures are retried ``max_retries`` times with backoff, only
+when the server gave no answer (connection error, timeout) or a 5xx.
 """
 
 import atexit
+import hashlib
+import json
+import math
 import os
 import random
 import shutil
@@ -15,11 +19,11 @@ import threading
 import time
 from typing import Any, Dict, NamedTuple, Optional
 
-import requests
-from requests.adapters import HTTPAdapter
-
+from .concurrency import DeadlineExceeded, current_deadline
 from .config import Config
+from .httpclient import HTTPClient, HTTPFailure
 
+MAX_ANSWER_BYTES = 1024 * 1024
 _BACKOFF_BASE = 0.05
 _BACKOFF_MAX = 1.0
 
@@ -37,11 +41,61 @@ class Answer(NamedTuple):
     cacheable: bool  # False when the server said Cache-Control: no-store
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise ValueError("number out of range")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError("%s is not JSON" % name)  # NaN, Infinity, -Infinity
+
+
+def parse_answer(body: bytes) -> Dict[str, Any]:
+    """The JSON object of an answer; IntrospectionError for anything else."""
+    try:
+        claims = json.loads(body, parse_float=_finite_float, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise IntrospectionError("introspection endpoint answered with invalid JSON") from None
+    if not isinstance(claims, dict):
+        raise IntrospectionError("introspection endpoint answered JSON that is not an object")
+    return claims
+
+
+def _time_claim(claims: Dict[str, Any], name: str):
+    """A NumericDate claim: None when absent, False when present but not a sane number."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value
+
+
+def usable(claims: Dict[str, Any], now: float) -> bool:
+    """Whether an answer says "this token may be used now", judged at decision time.
+
+    ``active`` must be the JSON ``true``; ``exp`` and ``nbf`` are optional (RFC
+    7662) but, when present, must be numbers that allow ``now``. ``iat`` is only
+    informational and never refuses a token.
+    """
+    if claims.get("active") is not True:
+        return False
+    exp = _time_claim(claims, "exp")
+    if exp is False or (exp is not None and exp <= now):
+        return False
+    nbf = _time_claim(claims, "nbf")
+    if nbf is False or (nbf is not None and nbf > now + 60):  # 60 s clock skew
+        return False
+    return True
+
+
 def _private_files(tls) -> Dict[str, str]:
     """PEM strings from the config, written where only this process can read them."""
     folder = tempfile.mkdtemp(prefix="oauth2-introspection-tls-")  # mode 0700
     atexit.register(shutil.rmtree, folder, True)
-    paths = {}
+    paths = {"folder": folder}
     for name in ("ca", "cert", "key"):
         pem = getattr(tls, name)
         if pem:
@@ -50,14 +104,18 @@ def _private_files(tls) -> Dict[str, str]:
             with os.fdopen(fd, "w") as handle:
                 handle.write(pem)
             paths[name] = path
-    paths["folder"] = folder
     return paths
+
+
+def certificate_fingerprint(pem: Optional[str]) -> str:
+    """What identifies a client certificate in the cache identity (not the key)."""
+    return hashlib.sha256(pem.encode()).hexdigest() if pem else ""
 
 
 class Introspector:
     def __init__(self, conf: Config, log=None):
         self.url = conf.introspection_url
-        self.timeout = (conf.timeout, conf.timeout)
+        self.timeout = conf.timeout
         self.max_retries = conf.max_retries
         self.token_type_hint = conf.token_type_hint
         self.keepalive = conf.keepalive
@@ -69,24 +127,21 @@ class Introspector:
         if conf.keepalive <= 0:
             self.headers["Connection"] = "close"
 
-        self.session = requests.Session()
-        self.session.trust_env = False  # no proxy or netrc from the environment
-        self._adapter = HTTPAdapter(pool_connections=1, pool_maxsize=64, max_retries=0)
-        self.session.mount("http://", self._adapter)
-        self.session.mount("https://", self._adapter)
         self._files: Optional[Dict[str, str]] = None
         tls = conf.client_tls
         if tls.ca or tls.cert:
             self._files = _private_files(tls)
+        verify: Any = True
         if tls.insecure_skip_verify:
-            self.session.verify = False
+            verify = False
             if log:
                 log.warn("client_tls.insecure_skip_verify is on: the introspection "
                          "endpoint's certificate is not verified")
         elif self._files and "ca" in self._files:
-            self.session.verify = self._files["ca"]
-        if self._files and "cert" in self._files:
-            self.session.cert = (self._files["cert"], self._files["key"])
+            verify = self._files["ca"]
+        cert = (self._files["cert"], self._files["key"]) \
+            if self._files and "cert" in self._files else None
+        self.http = HTTPClient(pool_maxsize=64, verify=verify, cert=cert)
         self._last_used = time.monotonic()
         self._idle_lock = threading.Lock()
 
@@ -96,38 +151,37 @@ class Introspector:
             form["token_type_hint"] = self.token_type_hint
         headers = dict(self.headers, **extra_headers) if extra_headers else self.headers
         self._drop_idle_connections()
+        deadline = current_deadline()
         attempt = 0
         while True:
             try:
-                response = self.session.post(self.url, data=form, headers=headers,
-                                             timeout=self.timeout, allow_redirects=False)
-            except requests.Timeout:
-                failure = "timed out"
-            except requests.RequestException as err:
-                failure = "could not connect (%s)" % type(err).__name__
+                reply = self.http.request("POST", self.url, data=form, headers=headers,
+                                          timeout=self.timeout, max_bytes=MAX_ANSWER_BYTES)
+            except DeadlineExceeded:
+                raise IntrospectionError("introspection endpoint did not answer within "
+                                         "the request deadline") from None
+            except HTTPFailure as err:
+                failure = str(err)
             else:
-                if response.status_code < 500:
-                    return self._answer(response)
-                failure = "answered HTTP %d" % response.status_code
-                response.close()
+                if reply.status < 500:
+                    return self._answer(reply)
+                failure = "answered HTTP %d" % reply.status
             if attempt >= self.max_retries:
                 raise IntrospectionError("introspection endpoint " + failure)
-            time.sleep(min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0))
+            pause = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
+            if deadline is not None and deadline.remaining() <= pause:
+                raise IntrospectionError("introspection endpoint %s; no time left to retry"
+                                         % failure)
+            time.sleep(pause)
             attempt += 1
 
     @staticmethod
-    def _answer(response) -> Answer:
-        if response.status_code != 200:
-            raise IntrospectionError("introspection endpoint answered HTTP %d"
-                                     % response.status_code)
-        try:
-            claims = response.json()
-        except ValueError:
-            raise IntrospectionError("introspection endpoint answered with invalid JSON") from None
-        if not isinstance(claims, dict):
-            raise IntrospectionError("introspection endpoint answered JSON that is not an object")
-        no_store = "no-store" in response.headers.get("Cache-Control", "").lower()
-        return Answer(claims, not no_store)
+    def _answer(reply) -> Answer:
+        if reply.status != 200:
+            raise IntrospectionError("introspection endpoint answered HTTP %d" % reply.status)
+        claims = parse_answer(reply.body)
+        cache_control = {k.lower(): v for k, v in reply.headers.items()}.get("cache-control", "")
+        return Answer(claims, "no-store" not in cache_control.lower())
 
     def _drop_idle_connections(self):
         # urllib3 keeps idle connections forever; honour ``keepalive`` ourselves.
@@ -136,4 +190,9 @@ class Introspector:
             idle = now - self._last_used
             self._last_used = now
         if self.keepalive > 0 and idle > self.keepalive:
-            self._adapter.poolmanager.clear()
+            self.http.drop_idle()
+
+    def close(self) -> None:
+        self.http.close()
+        if self._files:
+            shutil.rmtree(self._files["folder"], ignore_errors=True)

@@ -2,18 +2,54 @@
 
 Every PDK call is a round trip to Kong, so the headers are read once and every
 other part (method, path, query, body, client IP) only when something asks.
+
+Two rules from real Kong (../shared/design/kong-plugin-server.md):
+- A PDK read that fails is "nothing there": Kong 3.x hands us ``None``, Kong 2.8
+  raises a StepError (``PDKException``). Neither is a server error.
+- Reads are capped: ``get_headers``/``get_query`` return 100 lines unless asked
+  for more (1000 at most). We ask for the most and refuse a request that fills
+  it: what we did not see, we cannot clear or judge.
 """
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
+from kong_pdk.exception import PDKException
+
+from . import body as bodies
+
+MAX_LINES = 1000  # the largest max Kong's get_headers/get_query accept
 _UNSET = object()
+
+
+class Uninspectable(Exception):
+    """The request holds more than the plugin can read (or its headers cannot be read)."""
+
+
+def _pdk(call: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return call(*args)
+    except PDKException:
+        return None
+
+
+def _lines(table: Dict[str, Any]) -> int:
+    return sum(len(v) if isinstance(v, list) else 1 for v in table.values())
 
 
 class IncomingRequest:
     def __init__(self, kong):
         self.kong = kong
+        headers = _pdk(kong.request.get_headers, MAX_LINES)
+        if not isinstance(headers, dict):
+            # An empty table arrives as an empty map; anything else is a failed read.
+            if headers == []:
+                headers = {}
+            else:
+                raise Uninspectable("headers could not be read")
+        if _lines(headers) >= MAX_LINES:
+            raise Uninspectable("more than %d header lines" % (MAX_LINES - 1))
         # Kong sends a multi-map: lower-case names, every value a list.
-        self.headers: Dict[str, List[str]] = kong.request.get_headers() or {}
+        self.headers: Dict[str, List[str]] = headers
         self._memo: Dict[str, Any] = {}
 
     def header(self, name: str) -> Optional[str]:
@@ -31,36 +67,52 @@ class IncomingRequest:
             return 0
         return 1 if isinstance(values, str) else len(values)
 
-    def _pdk(self, name, call):
+    def _read(self, name, call, *args):
         value = self._memo.get(name, _UNSET)
         if value is _UNSET:
-            value = self._memo[name] = call()
+            value = self._memo[name] = _pdk(call, *args)
         return value
 
     @property
     def method(self) -> str:
-        return self._pdk("method", self.kong.request.get_method) or "GET"
+        value = self._read("method", self.kong.request.get_method)
+        return value if isinstance(value, str) else "GET"
 
     @property
     def path(self) -> str:
-        return self._pdk("path", self.kong.request.get_path) or "/"
+        value = self._read("path", self.kong.request.get_path)
+        return value if isinstance(value, str) else "/"
 
     @property
     def host(self) -> str:
-        return self._pdk("host", self.kong.request.get_host) or ""
+        value = self._read("host", self.kong.request.get_host)
+        return value if isinstance(value, str) else ""
 
     @property
     def client_ip(self) -> str:
-        return self._pdk("client_ip", self.kong.client.get_forwarded_ip) or ""
+        value = self._read("client_ip", self.kong.client.get_forwarded_ip)
+        return value if isinstance(value, str) else ""
 
     @property
     def query(self) -> Dict[str, Any]:
-        return self._pdk("query", self.kong.request.get_query) or {}
+        value = self._read("query", self.kong.request.get_query, MAX_LINES)
+        if not isinstance(value, dict):
+            return {}
+        if _lines(value) >= MAX_LINES:
+            raise Uninspectable("more than %d query arguments" % (MAX_LINES - 1))
+        return value
 
     @property
-    def body(self) -> Dict[str, Any]:
-        """The parsed body (form, multipart or JSON), {} when there is none."""
-        def read():
-            body = self.kong.request.get_body()
-            return body if isinstance(body, dict) else {}
-        return self._pdk("body", read)
+    def raw_body(self) -> Optional[bytes]:
+        """The body's bytes; None when there is none or Kong spooled it to a file."""
+        value = self._read("raw_body", self.kong.request.get_raw_body)
+        if isinstance(value, str):
+            return value.encode("utf-8", "surrogateescape")
+        return value if isinstance(value, bytes) else None
+
+    def body_field(self, name: str) -> Optional[List[Any]]:
+        """Every value of body field ``name`` (form, multipart or JSON); None if no body."""
+        content_type = self.header("content-type")
+        if bodies.kind(content_type) is None:
+            return None  # not a body that can carry fields: do not even read it
+        return bodies.field_values(self.raw_body, content_type, name)

@@ -23,6 +23,8 @@ MISSING_TOKEN = Refusal(401, {"error": "invalid_request",
                               "error_description": "The access token is missing"},
                         {"WWW-Authenticate": REALM})
 INVALID_TOKEN = _bearer(401, "invalid_token", "The access token is invalid or has expired")
+# RFC 6750 3.1: a token sent twice, or a request too large to inspect safely.
+BAD_REQUEST = _bearer(400, "invalid_request", "The request is malformed")
 INSUFFICIENT_SCOPE = _bearer(403, "insufficient_scope",
                              "The access token does not grant access to this resource")
 # Never the IdP's words: what went wrong is in the log, not in the answer.

@@ -6,12 +6,16 @@ looked at first because it costs no PDK call; RFC 6750 forbids a client to
 send the token in more than one place, so the order only matters to clients
 that break that rule.
 
+Two kinds of unusable token (RFC 6750 section 3.1): one sent more than once is an
+``invalid_request`` (400, ``ambiguous``); one that is too long or holds anything
+but visible ASCII (bytes that are not UTF-8 included) is an ``invalid_token`` (401).
+
 Traefik sources (``token_source`` set): only the named header, query
 parameter and cookie, in that order.
 """
 
 import re
-from typing import NamedTuple, Optional
+from typing import Any, List, NamedTuple, Optional
 
 from .config import TokenSource
 from .request import IncomingRequest
@@ -20,11 +24,14 @@ MAX_TOKEN_LENGTH = 8192
 ACCESS_TOKEN = "access_token"
 # Visible ASCII only: covers RFC 6750's b64token and every opaque token in use.
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
-_BODY_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "application/json")
 
 
 class MalformedToken(Exception):
-    """A token was sent, but not one we can use (ambiguous, too long, bad bytes)."""
+    """A token was sent, but not one we can use; ``ambiguous`` when sent twice."""
+
+    def __init__(self, why: str, ambiguous: bool = False):
+        super().__init__(why)
+        self.ambiguous = ambiguous
 
 
 class Found(NamedTuple):
@@ -47,7 +54,7 @@ def _single(value):
     """One parameter value; a repeated parameter is ambiguous (parameter pollution)."""
     if isinstance(value, list):
         if len(value) != 1:
-            raise MalformedToken("parameter sent %d times" % len(value))
+            raise MalformedToken("parameter sent %d times" % len(value), ambiguous=True)
         value = value[0]
     return value
 
@@ -57,7 +64,7 @@ def _from_header(req: IncomingRequest, name: str, schemes) -> Optional[Found]:
     if count == 0:
         return None
     if count > 1:
-        raise MalformedToken("header %s sent %d times" % (name, count))
+        raise MalformedToken("header %s sent %d times" % (name, count), ambiguous=True)
     value = req.header(name) or ""
     if not schemes:
         return Found(_checked(value.strip()), "header", name)
@@ -97,8 +104,9 @@ class TokenFinder:
             return found
         if ACCESS_TOKEN in req.query:
             return Found(_checked(_single(req.query[ACCESS_TOKEN])), "query", ACCESS_TOKEN)
-        if self._may_have_body(req) and ACCESS_TOKEN in req.body:
-            return Found(_checked(_single(req.body[ACCESS_TOKEN])), "body", ACCESS_TOKEN)
+        values: Optional[List[Any]] = req.body_field(ACCESS_TOKEN)
+        if values:
+            return Found(_checked(_single(values)), "body", ACCESS_TOKEN)
         return None
 
     def _find_configured(self, req: IncomingRequest) -> Optional[Found]:
@@ -115,8 +123,3 @@ class TokenFinder:
             if values:
                 return Found(_checked(_single(values)), "cookie", src.cookie)
         return None
-
-    @staticmethod
-    def _may_have_body(req: IncomingRequest) -> bool:
-        content_type = (req.header("content-type") or "").lower()
-        return any(kind in content_type for kind in _BODY_TYPES)

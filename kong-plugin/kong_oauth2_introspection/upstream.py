@@ -1,8 +1,8 @@
 """The headers that go to the upstream service.
 
 Everything is gathered into one table for a single
-``kong.service.request.set_headers`` call. An empty list removes a header:
-that is how identity headers a client sent itself are dropped.
+``kong.service.request.set_headers`` call. An empty list removes a header
+(observed on Kong 3.9: ``set_headers({"x": []})`` removes x).
 """
 
 import json
@@ -55,8 +55,8 @@ def claim_header_name(claim: str) -> str:
     return "X-Credential-" + claim.replace("_", "-")
 
 
-def consumer_headers(consumer: Dict[str, Any], anonymous: bool = False) -> HeaderTable:
-    headers: HeaderTable = {"X-Consumer-ID": header_value(consumer.get("id"))}
+def consumer_headers(consumer: Dict[str, Any], anonymous: bool = False) -> Dict[str, str]:
+    headers = {"X-Consumer-ID": header_value(consumer.get("id"))}
     for header, field in (("X-Consumer-Custom-ID", "custom_id"),
                           ("X-Consumer-Username", "username")):
         if consumer.get(field) not in (None, ""):
@@ -66,8 +66,8 @@ def consumer_headers(consumer: Dict[str, Any], anonymous: bool = False) -> Heade
     return headers
 
 
-def credential_headers(conf: Config, claims: Dict[str, Any]) -> HeaderTable:
-    headers: HeaderTable = {}
+def credential_headers(conf: Config, claims: Dict[str, Any]) -> Dict[str, str]:
+    headers: Dict[str, str] = {}
     for header, claim in CREDENTIAL_HEADERS:
         if claims.get(claim) is not None:
             headers[header] = header_value(claims[claim])
@@ -81,17 +81,48 @@ def credential_headers(conf: Config, claims: Dict[str, Any]) -> HeaderTable:
     return headers
 
 
-def drop_spoofed(conf: Config, incoming: Iterable[str], headers: HeaderTable,
-                 extra: Optional[Iterable[str]] = None) -> HeaderTable:
-    """Add removals for identity headers the client sent that we did not set."""
-    ours = {name.lower() for name in headers}
-    for name in incoming:
-        lower = name.lower()
-        if lower in ours:
-            continue
-        if lower.startswith(_SPOOFABLE_PREFIXES) or lower in conf.owned_headers:
-            headers[lower] = []
-    for name in extra or ():
-        if name.lower() not in ours:
-            headers[name.lower()] = []
-    return headers
+CONSUMER_HEADERS = ("X-Consumer-ID", "X-Consumer-Custom-ID", "X-Consumer-Username",
+                    "X-Anonymous-Consumer")
+# Set by whichever authentication plugin identified the caller (Kong's own
+# set_consumer does): on the logical-OR path they belong to that plugin.
+_SHARED = frozenset(n.lower() for n in CONSUMER_HEADERS + ("X-Credential-Identifier",))
+
+
+class IdentityHeaders:
+    """Every header one config owns, set or cleared on every path that lets a
+    request through, whatever the plugin saw of the client's headers (Kong's read
+    is capped; a header we did not see must still not reach the upstream).
+
+    Built once per config; ``table`` makes the one ``set_headers`` argument of a
+    request. An empty list removes a header.
+    """
+
+    def __init__(self, conf: Config):
+        names = list(CONSUMER_HEADERS) + [h for h, _ in CREDENTIAL_HEADERS]
+        names += [claim_header_name(c) for c in conf.custom_claims_forward]
+        names += [h for h, _ in conf.forward_headers]
+        self.display: Dict[str, str] = {}
+        for name in names:
+            self.display.setdefault(name.lower(), name)
+        self.cleared: HeaderTable = {name: [] for name in self.display.values()}
+        # The logical-OR path: another plugin authenticated; clear only what no
+        # other plugin sets, so our stale or spoofed extras never pass.
+        self.cleared_extras: HeaderTable = {name: [] for low, name in self.display.items()
+                                            if low not in _SHARED}
+
+    def table(self, incoming: Iterable[str], values: Dict[str, str],
+              remove: Iterable[str] = ()) -> HeaderTable:
+        """Clear every owned header, set ``values``, remove ``remove``, and remove
+        any X-Consumer-*/X-Credential-* the client sent that we do not set."""
+        table: HeaderTable = dict(self.cleared)
+        display = self.display
+        for name, value in values.items():
+            table[display.get(name.lower(), name)] = value
+        for name in incoming:
+            if name.startswith(_SPOOFABLE_PREFIXES) and name not in display:
+                table[name] = []
+        for name in remove:
+            lower = name.lower()
+            if lower not in display:
+                table[lower] = []
+        return table

@@ -1,0 +1,209 @@
+"""HTTP for the plugin's own calls (the IdP, Kong's Admin API), bounded in total time.
+
+``requests`` bounds each socket operation, not a whole exchange: a server that
+drips one byte per second keeps a read alive for ever. Here every exchange has
+one end time (``min(now + timeout, request deadline)``); a single reaper thread
+shuts down the sockets of any exchange still running at its end time, which
+wakes the blocked read at once. Answers are read up to a size cap, so a huge
+answer costs at most that much memory.
+"""
+
+import heapq
+import itertools
+import socket
+import threading
+import time
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+
+from .concurrency import DeadlineExceeded, current_deadline
+
+
+class HTTPFailure(Exception):
+    """No usable exchange; the message is safe to log (no URL, body or secret)."""
+
+
+class Reply(NamedTuple):
+    status: int
+    headers: Dict[str, str]
+    body: bytes
+
+
+class _Watch:
+    __slots__ = ("at", "sockets", "fired", "done")
+
+    def __init__(self, at: float):
+        self.at = at
+        self.sockets: List[socket.socket] = []
+        self.fired = False
+        self.done = False
+
+
+class _Reaper:
+    """One thread for the whole process: ends exchanges that outlive their end time."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._heap: List[Tuple[float, int, _Watch]] = []
+        self._seq = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+        self._local = threading.local()
+
+    def watch(self, at: float) -> _Watch:
+        watch = _Watch(at)
+        with self._cond:
+            heapq.heappush(self._heap, (at, next(self._seq), watch))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="oauth2-introspection-http-reaper")
+                self._thread.start()
+            self._cond.notify()
+        self._local.watch = watch
+        return watch
+
+    def forget(self, watch: _Watch) -> None:
+        watch.done = True  # popped lazily; nothing to shut down any more
+        self._local.watch = None
+
+    def add_socket(self, sock) -> None:
+        watch = getattr(self._local, "watch", None)
+        if watch is not None and sock is not None:
+            watch.sockets.append(sock)
+            if watch.fired:
+                _shutdown(sock)
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                at, _, watch = self._heap[0]
+                delay = at - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+            if not watch.done:
+                watch.fired = True
+                for sock in list(watch.sockets):
+                    _shutdown(sock)
+
+
+def _shutdown(sock) -> None:
+    try:
+        if sock.fileno() != -1:
+            # The plain socket's shutdown, also for an SSLSocket: it wakes a blocked
+            # read in the other thread without touching the TLS state it uses.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+_REAPER = _Reaper()
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def _new_conn(self):
+        sock = super()._new_conn()
+        _REAPER.add_socket(sock)
+        return sock
+
+    def connect(self):
+        super().connect()
+        _REAPER.add_socket(self.sock)
+
+    def request(self, *args, **kwargs):
+        if self.sock is not None:  # a pooled connection: watch it for this exchange
+            _REAPER.add_socket(self.sock)
+        return super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(_WatchedHTTPConnection, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _Adapter(HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+_FAILURES = (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError)
+
+
+class HTTPClient:
+    """One pooled session; owns its connections and closes them in ``close``."""
+
+    def __init__(self, *, pool_maxsize: int = 64, verify: Any = True,
+                 cert: Optional[Tuple[str, str]] = None):
+        self.session = requests.Session()
+        self.session.trust_env = False  # no proxy or netrc from the environment
+        self.adapter = _Adapter(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=0)
+        self.session.mount("http://", self.adapter)
+        self.session.mount("https://", self.adapter)
+        self.session.verify = verify
+        self.session.cert = cert
+
+    def request(self, method: str, url: str, *, timeout: float, max_bytes: int,
+                **kwargs: Any) -> Reply:
+        """One exchange, done within ``timeout`` seconds and the request deadline.
+
+        Raises DeadlineExceeded when the request's deadline ended it, HTTPFailure
+        for anything else that gave no complete answer (``timed out``, refused,
+        TLS, larger than ``max_bytes``)."""
+        now = time.monotonic()
+        deadline = current_deadline()
+        at = now + timeout
+        if deadline is not None:
+            if deadline.at <= now:
+                raise DeadlineExceeded("request deadline exceeded")
+            at = min(at, deadline.at)
+        per_op = max(at - now, 0.001)
+        watch = _REAPER.watch(at)
+        try:
+            response = self.session.request(method, url, timeout=(per_op, per_op), stream=True,
+                                            allow_redirects=False, **kwargs)
+            try:
+                length = response.headers.get("Content-Length")
+                if length is not None and length.isdigit() and int(length) > max_bytes:
+                    raise HTTPFailure("answer larger than %d bytes" % max_bytes)
+                body = response.raw.read(max_bytes + 1, decode_content=True) or b""
+                if len(body) > max_bytes:
+                    raise HTTPFailure("answer larger than %d bytes" % max_bytes)
+                return Reply(response.status_code, dict(response.headers), body)
+            finally:
+                response.close()
+        except HTTPFailure:
+            raise
+        except requests.Timeout:
+            raise self._ended(watch, deadline) from None
+        except _FAILURES as err:
+            if watch.fired or time.monotonic() >= at:
+                raise self._ended(watch, deadline) from None
+            raise HTTPFailure("could not connect (%s)" % type(err).__name__) from None
+        finally:
+            _REAPER.forget(watch)
+
+    @staticmethod
+    def _ended(watch: _Watch, deadline) -> Exception:
+        if deadline is not None and deadline.expired:
+            return DeadlineExceeded("request deadline exceeded")
+        return HTTPFailure("timed out")
+
+    def drop_idle(self) -> None:
+        self.adapter.poolmanager.clear()
+
+    def close(self) -> None:
+        self.session.close()

@@ -1,0 +1,48 @@
+"""Log lines of the plugin server, outside any request.
+
+Kong copies the plugin server's stderr into its error log. Nothing here ever
+formats a request, an RPC message or a config: callers pass finished sentences
+that hold no token or secret.
+"""
+
+import sys
+import threading
+
+from . import NAME
+
+LEVELS = {"debug": 10, "info": 20, "warn": 30, "err": 40}
+
+
+class Log:
+    def __init__(self, level: str = "info", stream=None):
+        self.threshold = LEVELS[level]
+        self.stream = stream
+        self._lock = threading.Lock()
+
+    def _write(self, level: str, msg: str) -> None:
+        if LEVELS[level] < self.threshold:
+            return
+        line = f"[{NAME}] {level}: {msg}\n"
+        with self._lock:
+            stream = self.stream or sys.stderr
+            try:
+                stream.write(line)
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # Kong closed our stderr: nowhere left to tell
+
+    def debug(self, msg: str) -> None:
+        self._write("debug", msg)
+
+    def info(self, msg: str) -> None:
+        self._write("info", msg)
+
+    def warn(self, msg: str) -> None:
+        self._write("warn", msg)
+
+    def err(self, msg: str) -> None:
+        self._write("err", msg)
+
+
+# The process-wide log; ``serve`` sets its threshold from -v.
+LOG = Log()

@@ -1,0 +1,498 @@
+"""Kong's side of the wire: the plugin-server protocol, served fail-closed.
+
+Kong (kong/runloop/plugin_servers/rpc/mp_rpc.lua) sends MessagePack-RPC requests
+``[0, id, "plugin.X", [arg]]`` over a Unix socket and waits for ``[1, id, err,
+result]``. This module replaces kong-pdk's listener and event machinery (kong-pdk
+stays the dependency for its protocol constants, plugin contract and PDKException)
+because for an authentication plugin three of their behaviours fail open:
+
+- kong-pdk decodes strings strictly and drops the connection on a header byte that
+  is not UTF-8; Kong then passes the request on unauthenticated. Here every string
+  is decoded with ``surrogateescape`` and encoded back the same way, so any byte a
+  client sent is carried, and answered.
+- an exception escaping a handler leaves the event unanswered (and a lock held):
+  Kong waits 60 s and passes the request. Here anything a handler raises becomes
+  ``kong.response.exit(500)``, and a Step for an event we do not know is refused the
+  same way instead of answered with an error Kong would shrug off.
+- nothing bounds an event's time. Here each event has one deadline (30 s by
+  default, well inside Kong's 60 s): blocking work runs on worker threads through
+  ``concurrency.blocking`` and the event is answered when the deadline passes,
+  whatever those threads are still doing.
+
+Every event runs as a greenlet on one asyncio loop (uvloop when installed): a PDK
+call switches back to the loop, which answers Kong's RPC with the call and
+switches into the greenlet again when Kong's ``plugin.Step`` brings the result.
+A cache hit therefore costs no thread and no lock, only the round trips.
+"""
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import greenlet
+import msgpack
+from kong_pdk.exception import PDKException
+
+from ..concurrency import Deadline, DeadlineExceeded, deadline_scope
+from ..log import LOG, Log
+
+RET = "ret"
+TERMINAL = frozenset({"kong.response.exit", "kong.response.error"})
+FAILURE_ANSWER = {"Method": "kong.response.exit",
+                  "Args": [500, {"message": "An unexpected error occurred"}]}
+DEFAULT_DEADLINE = 30.0
+MAX_DEADLINE = 50.0        # Kong gives up (and fails open) after 60 s
+DEFAULT_WORKERS = 256      # concurrent blocking calls (IdP misses, Redis, Admin API)
+MAX_INSTANCES = 4096       # Kong never closes instances of a worker that died
+ABANDONED_AFTER = 70.0     # an event Kong stopped stepping is dropped after this
+SWEEP_INTERVAL = 5.0
+
+# What a greenlet hands the loop when it switches back.
+_CALL, _EXIT, _PARK, _RET, _DONE = "call", "exit", "park", "ret", "done"
+# How the loop resumes a parked greenlet.
+_FINISHED, _EXPIRED = "finished", "expired"
+_START = object()
+
+
+class PDKError(PDKException):
+    """A PDK function failed (Kong 2.8's ``plugin.StepError``)."""
+
+
+class ResponseExited(BaseException):
+    """``kong.response.exit`` was sent: the handler must not go on (not an Exception,
+    so a handler's ``except Exception`` cannot swallow it)."""
+
+
+class _Method:
+    """``kong.a.b(...)``: a PDK call on behalf of the event running it."""
+
+    __slots__ = ("_name", "__dict__")
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> "_Method":
+        child = _Method(self._name + "." + attr)
+        self.__dict__[attr] = child  # next time a plain attribute lookup
+        return child
+
+    def __call__(self, *args: Any) -> Any:
+        event = greenlet.getcurrent()
+        call = getattr(event, "pdk_call", None)
+        if call is None:
+            raise RuntimeError("a PDK call outside a Kong event: " + self._name)
+        return call(self._name, args)
+
+
+KONG = _Method("kong")
+
+
+class _Event(greenlet.greenlet):
+    """One Kong event (a phase of one request) of one plugin instance."""
+
+    def __init__(self, server: "PluginServer", event_id: int, handler: Callable[[Any], Any],
+                 deadline: Deadline):
+        super().__init__(self._body, parent=server.main)
+        self.server = server
+        self.id = event_id
+        self.handler = handler
+        self.deadline = deadline
+        self.reply_to: Optional[Tuple["_Connection", int]] = None
+        self.parked: Optional[Future] = None
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.exited = False
+
+    def _body(self):
+        try:
+            self.handler(KONG)
+        except ResponseExited:
+            return _RET, None
+        except BaseException as err:  # noqa: BLE001 - never leave Kong without an answer
+            if isinstance(err, greenlet.GreenletExit):
+                raise
+            self.server.log.err("handler raised %s; answering 500" % type(err).__name__)
+            if self.exited:
+                return _RET, None
+            self.exited = True
+            return _EXIT, FAILURE_ANSWER
+        return _RET, None
+
+    def pdk_call(self, method: str, args: Tuple[Any, ...]) -> Any:
+        if self.exited:
+            raise ResponseExited()
+        if method in TERMINAL:
+            self.exited = True
+            self.parent.switch((_EXIT, {"Method": method, "Args": list(args)}))
+            raise ResponseExited()
+        data, err = self.parent.switch((_CALL, {"Method": method, "Args": list(args)}))
+        if err is not None:
+            raise PDKError("%s failed: %s" % (method, err))
+        return data
+
+    def run_blocking(self, fn: Callable[..., Any], args: Tuple[Any, ...]) -> Any:
+        if self.deadline.expired:
+            raise DeadlineExceeded("request deadline exceeded")
+        future = self.server.pool.submit(_in_worker, fn, args, self.deadline)
+        how = self.parent.switch((_PARK, future))
+        if how == _FINISHED:
+            return future.result()
+        raise DeadlineExceeded("request deadline exceeded")
+
+
+def _in_worker(fn: Callable[..., Any], args: Tuple[Any, ...], deadline: Deadline) -> Any:
+    if deadline.expired:  # queued behind other work for too long
+        raise DeadlineExceeded("request deadline exceeded")
+    with deadline_scope(deadline):
+        return fn(*args)
+
+
+class _Instance:
+    __slots__ = ("id", "name", "plugin", "config", "started")
+
+    def __init__(self, iid: int, name: str, plugin: Any, config: Any):
+        self.id = iid
+        self.name = name
+        self.plugin = plugin
+        self.config = config
+        self.started = time.time()
+
+
+def _packer() -> msgpack.Packer:
+    return msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+
+
+class _Connection(asyncio.Protocol):
+    """One of Kong's pooled connections; any of them may carry any event's Step."""
+
+    def __init__(self, server: "PluginServer"):
+        self.server = server
+        self.transport: Optional[asyncio.Transport] = None
+        # Lenient: a header byte that is not UTF-8 becomes a lone surrogate, and
+        # goes back to Kong as the same byte.
+        self.unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape",
+                                         strict_map_key=False, max_buffer_size=64 * 1024 * 1024)
+        self.pack = _packer().pack
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data: bytes):
+        self.unpacker.feed(data)
+        try:
+            for message in self.unpacker:
+                self.server.dispatch(self, message)
+        except (ValueError, msgpack.UnpackException) as err:
+            # Not MessagePack: there is no request id to answer. Dropping the
+            # connection is all that is left; Kong logs it.
+            self.server.log.err("unreadable RPC data (%s); connection dropped"
+                                % type(err).__name__)
+            if self.transport is not None:
+                self.transport.close()
+
+    def reply(self, msgid: Any, error: Optional[str], result: Any) -> bool:
+        try:
+            data = self.pack([1, msgid, error, result])
+        except (TypeError, ValueError, OverflowError):
+            return False
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+        return True
+
+
+class PluginServer:
+    """The plugins' instances and events, and the loop that serves them."""
+
+    def __init__(self, plugins: Iterable[type], *, deadline: float = DEFAULT_DEADLINE,
+                 workers: int = DEFAULT_WORKERS, log: Log = LOG):
+        self.plugins: Dict[str, type] = {cls.NAME: cls for cls in plugins}  # type: ignore[attr-defined]
+        self.deadline = min(float(deadline), MAX_DEADLINE)
+        self.log = log
+        self.pool = ThreadPoolExecutor(max_workers=workers,
+                                       thread_name_prefix="oauth2-introspection-io")
+        self.instances: "collections.OrderedDict[int, _Instance]" = collections.OrderedDict()
+        self.events: Dict[int, _Event] = {}
+        self._next_instance = 0
+        self._next_event = 0
+        self.main = greenlet.getcurrent()
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self._methods: Dict[str, Callable[["_Connection", Any, Any], None]] = {
+            "plugin.HandleEvent": self._handle_event,
+            "plugin.StepError": self._step_error,
+            "plugin.StartInstance": self._start_instance,
+            "plugin.CloseInstance": self._close_instance,
+            "plugin.InstanceStatus": self._instance_status,
+            "plugin.GetStatus": self._get_status,
+            "plugin.GetPluginInfo": self._get_plugin_info,
+            "plugin.SetPluginDir": lambda conn, msgid, arg: conn.reply(msgid, None, "ok"),
+        }
+
+    # -- dispatch ------------------------------------------------------------------
+
+    def dispatch(self, conn: _Connection, message: Any) -> None:
+        if not (isinstance(message, list) and len(message) == 4 and message[0] == 0):
+            if isinstance(message, list) and len(message) >= 2 and message[0] == 0:
+                conn.reply(message[1], "malformed RPC request", None)
+            return  # a response or notification: nothing Kong waits for
+        _, msgid, method, args = message
+        arg = args[0] if isinstance(args, list) and args else None
+        handler = self._methods.get(method) if isinstance(method, str) else None
+        if handler is None:
+            if isinstance(method, str) and method.startswith("plugin.Step"):
+                handler = self._step  # Step, StepCredential, StepMultiMap, ...
+            else:
+                conn.reply(msgid, "RPC for %r is not supported" % (method,), None)
+                return
+        try:
+            handler(conn, msgid, arg)
+        except Exception as err:  # noqa: BLE001 - a bug here must still answer Kong
+            self.log.err("RPC %s failed internally (%s)" % (method, type(err).__name__))
+            if method in ("plugin.HandleEvent",) or str(method).startswith("plugin.Step"):
+                conn.reply(msgid, None, {"Data": FAILURE_ANSWER, "EventId": -1})
+            else:
+                conn.reply(msgid, "internal error (%s)" % type(err).__name__, None)
+
+    # -- events --------------------------------------------------------------------
+
+    def _handle_event(self, conn: _Connection, msgid: Any, arg: Any) -> None:
+        iid = arg.get("InstanceId") if isinstance(arg, dict) else None
+        instance = self.instances.get(iid)  # type: ignore[arg-type]
+        if instance is None:
+            # Kong's cue to start the instance again and retry this request.
+            conn.reply(msgid, "no plugin instance #%s" % (iid,), None)
+            return
+        self.instances.move_to_end(instance.id)
+        handler = getattr(instance.plugin, str(arg.get("EventName")), None)
+        event_id = self._next_event
+        self._next_event += 1
+        if handler is None:
+            conn.reply(msgid, None, {"Data": RET, "EventId": event_id})
+            return
+        event = _Event(self, event_id, handler, Deadline(self.deadline))
+        event.reply_to = (conn, msgid)
+        self.events[event_id] = event
+        self._drive(event, _START)
+
+    def _step(self, conn: _Connection, msgid: Any, arg: Any) -> None:
+        self._resume_step(conn, msgid, arg, False)
+
+    def _step_error(self, conn: _Connection, msgid: Any, arg: Any) -> None:
+        self._resume_step(conn, msgid, arg, True)
+
+    def _resume_step(self, conn: _Connection, msgid: Any, arg: Any, failed: bool) -> None:
+        eid = arg.get("EventId") if isinstance(arg, dict) else None
+        event = self.events.get(eid)  # type: ignore[arg-type]
+        if event is None or event.reply_to is not None or event.parked is not None:
+            # A request we cannot finish (we restarted, or dropped it): refuse it
+            # rather than let Kong pass it on.
+            conn.reply(msgid, None, {"Data": FAILURE_ANSWER, "EventId": eid})
+            return
+        data = arg.get("Data")
+        event.reply_to = (conn, msgid)
+        if failed:
+            self._drive(event, (None, data if data is not None else "PDK call failed"))
+        else:
+            self._drive(event, (data, None))
+
+    def _drive(self, event: _Event, value: Any) -> None:
+        """Run ``event`` until it needs Kong (a PDK call), a worker, or is done."""
+        try:
+            kind, payload = event.switch() if value is _START else event.switch(value)
+        except BaseException as err:  # noqa: BLE001 - _body catches all; belt and braces
+            self.log.err("event failed (%s); answering 500" % type(err).__name__)
+            kind, payload = _EXIT, FAILURE_ANSWER
+        if kind == _PARK:
+            event.parked = payload
+            loop = self.loop
+            if loop is not None:
+                if event.timer is None:
+                    event.timer = loop.call_at(loop.time() + event.deadline.remaining(),
+                                               self._expire, event)
+                payload.add_done_callback(
+                    lambda future: loop.call_soon_threadsafe(self._finished, event, future))
+            return
+        if kind == _CALL:
+            self._answer(event, payload)
+        elif kind == _EXIT:
+            self._answer(event, payload)
+            self._finish(event)
+            if not event.dead:
+                try:
+                    event.switch(None)  # let the handler unwind (ResponseExited)
+                except BaseException:  # noqa: BLE001
+                    pass
+        else:  # _RET
+            self._answer(event, RET)
+            self._finish(event)
+
+    def _answer(self, event: _Event, data: Any) -> None:
+        reply_to, event.reply_to = event.reply_to, None
+        if reply_to is None:
+            return
+        conn, msgid = reply_to
+        if not conn.reply(msgid, None, {"Data": data, "EventId": event.id}):
+            # The handler passed something MessagePack cannot carry: refuse the
+            # request instead, and end the event.
+            self.log.err("unpackable PDK call from a handler; answering 500")
+            conn.reply(msgid, None, {"Data": FAILURE_ANSWER, "EventId": event.id})
+            self._finish(event)
+            event.exited = True
+            try:
+                event.throw()
+            except BaseException:  # noqa: BLE001
+                pass
+
+    def _finish(self, event: _Event) -> None:
+        self.events.pop(event.id, None)
+        if event.timer is not None:
+            event.timer.cancel()
+            event.timer = None
+
+    def _finished(self, event: _Event, future: Future) -> None:
+        if event.parked is future:
+            event.parked = None
+            self._drive(event, _FINISHED)
+
+    def _expire(self, event: _Event) -> None:
+        event.timer = None
+        if event.parked is not None:
+            event.parked = None
+            self._drive(event, _EXPIRED)
+
+    def _sweep(self) -> None:
+        """Drop events Kong stopped stepping (its request died): bounded memory."""
+        now = time.monotonic()
+        for event in [e for e in self.events.values()
+                      if now > e.deadline.at + ABANDONED_AFTER and e.parked is None]:
+            self._finish(event)
+            try:
+                event.throw()
+            except BaseException:  # noqa: BLE001
+                pass
+
+    # -- instances -----------------------------------------------------------------
+
+    def _start_instance(self, conn: _Connection, msgid: Any, arg: Any) -> None:
+        name = arg.get("Name") if isinstance(arg, dict) else None
+        cls = self.plugins.get(name)  # type: ignore[arg-type]
+        if cls is None:
+            conn.reply(msgid, "%s not initialized" % (name,), None)
+            return
+        try:
+            config = json.loads(arg.get("Config") or "{}")
+        except (TypeError, ValueError):
+            conn.reply(msgid, "config is not JSON", None)
+            return
+        plugin = cls(config)  # never raises: an unusable config answers 500 per request
+        iid = self._next_instance
+        self._next_instance += 1
+        self.instances[iid] = _Instance(iid, name, plugin, config)  # type: ignore[arg-type]
+        while len(self.instances) > MAX_INSTANCES:
+            _, old = self.instances.popitem(last=False)
+            self._close(old)
+        self.log.debug("instance #%d of %s started" % (iid, name))
+        conn.reply(msgid, None, {"Name": name, "Id": iid, "Config": config,
+                                 "StartTime": time.time()})
+
+    def _close(self, instance: _Instance) -> None:
+        close = getattr(instance.plugin, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as err:  # noqa: BLE001
+                self.log.warn("closing instance #%d failed (%s)" % (instance.id,
+                                                                     type(err).__name__))
+
+    def _close_instance(self, conn: _Connection, msgid: Any, arg: Any) -> None:
+        instance = self.instances.pop(arg, None)  # type: ignore[call-overload]
+        if instance is None:
+            conn.reply(msgid, "no plugin instance #%s" % (arg,), None)
+            return
+        self._close(instance)
+        conn.reply(msgid, None, {"Name": instance.name, "Id": instance.id,
+                                 "Config": instance.config})
+
+    def _instance_status(self, conn: _Connection, msgid: Any, arg: Any) -> None:
+        instance = self.instances.get(arg)  # type: ignore[call-overload]
+        if instance is None:
+            conn.reply(msgid, "no plugin instance #%s" % (arg,), None)
+            return
+        conn.reply(msgid, None, {"Name": instance.name, "Id": instance.id,
+                                 "Config": instance.config, "StartTime": instance.started})
+
+    def _get_status(self, conn: _Connection, msgid: Any, arg: Any) -> None:
+        status = {name: {"Name": name, "Instances": [
+            {"Name": i.name, "Id": i.id, "StartTime": i.started}
+            for i in self.instances.values() if i.name == name]} for name in self.plugins}
+        conn.reply(msgid, None, {"Pid": os.getpid(), "Plugins": status})
+
+    def _get_plugin_info(self, conn: _Connection, msgid: Any, arg: Any) -> None:
+        cls = self.plugins.get(arg)  # type: ignore[call-overload]
+        if cls is None:
+            conn.reply(msgid, "%s not initialized" % (arg,), None)
+            return
+        conn.reply(msgid, None, plugin_info(cls))
+
+    # -- running -------------------------------------------------------------------
+
+    def close(self) -> None:
+        for instance in list(self.instances.values()):
+            self._close(instance)
+        self.instances.clear()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def plugin_info(cls: Any) -> Dict[str, Any]:
+    """What Kong's query command reads for one plugin."""
+    return {"Name": cls.NAME, "Priority": cls.PRIORITY, "Version": cls.VERSION,
+            "Phases": list(cls.PHASES), "Schema": cls.kong_schema()}
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # optional: the standard loop is correct, only slower
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def serve(socket_path: str, server: PluginServer, *, backlog: int = 4096) -> None:
+    """Serve until SIGTERM/SIGINT or until Kong (our parent) is gone."""
+    loop = new_loop()
+    asyncio.set_event_loop(loop)
+    server.loop = loop
+    server.main = greenlet.getcurrent()
+    if os.path.exists(socket_path):
+        os.unlink(socket_path)
+    listener = loop.run_until_complete(loop.create_unix_server(
+        lambda: _Connection(server), path=socket_path, backlog=backlog))
+    parent = os.getppid()
+
+    def housekeeping():
+        server._sweep()
+        if os.getppid() != parent:  # Kong died: re-parented to init
+            server.log.info("Kong is gone; exiting")
+            loop.stop()
+            return
+        loop.call_later(SWEEP_INTERVAL, housekeeping)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, loop.stop)
+    loop.call_later(SWEEP_INTERVAL, housekeeping)
+    server.log.info("serving %s on %s (deadline %g s, %d worker threads)"
+                    % (", ".join(server.plugins), socket_path, server.deadline,
+                       server.pool._max_workers))
+    try:
+        loop.run_forever()
+    finally:
+        listener.close()
+        server.close()
+        try:
+            os.unlink(socket_path)
+        except OSError:
+            pass
