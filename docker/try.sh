@@ -20,7 +20,7 @@ declare -A SECRETS=([alice-app]=alice-secret [bob-app]=bob-secret)
 
 token() {  # client_id -> access token (client credentials grant)
   curl -fsS -u "$1:${SECRETS[$1]}" -d grant_type=client_credentials "$TOKEN_URL" |
-    sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p'
+    sed -n 's/.*"access_token": *"\([^"]*\)".*/\1/p'
 }
 
 # call EXPECTED_STATUS PATH [curl args...]: print the status and the identity
