@@ -176,7 +176,7 @@ def test_no_decision_is_remembered_between_requests(any_guard):
 @pytest.mark.parametrize("run_on_preflight", [True, False])
 def test_every_variant_compiles_and_returns_a_function(run_on_preflight):
     lua = lupa_runtime.LuaRuntime(unpack_returned_tuples=True)
-    compile_ = lua.eval("function(src) local fn, err = loadstring(src, '=guard'); return fn, err end")
+    compile_ = lua.eval("function(src) local f, err = loadstring(src, '=guard') return f, err end")
     assert compile_(guard.render(run_on_preflight)[:-4])[1]   # the check can fail
     text = guard.render(run_on_preflight)
     fn, err = compile_(text)
