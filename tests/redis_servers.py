@@ -587,9 +587,10 @@ class CacheNode:
 
 def _cache_node_main(spec_json: str) -> None:
     from kong_oauth2_introspection import breaker as breakers
-    from kong_oauth2_introspection.cache import Policy, TokenCache, cache_identity
+    from kong_oauth2_introspection.cache import Policy, TokenCache
     from kong_oauth2_introspection.concurrency import Deadline, deadline_scope
     from kong_oauth2_introspection.config import Config
+    from kong_oauth2_introspection.handler import idp_identity
     from kong_oauth2_introspection.introspection import Introspector
     from kong_oauth2_introspection.store import RedisStore
 
@@ -601,7 +602,7 @@ def _cache_node_main(spec_json: str) -> None:
     conf = Config.parse(spec["plugin"])
     log = Log()
     store = RedisStore.from_config(conf.store, log) if conf.store else None
-    cache = TokenCache(key_material=cache_identity(conf, {}), store=store)
+    cache = TokenCache(key_material=idp_identity(conf, {}).encode(), store=store)
     introspector = Introspector(conf, log)
     policy = Policy(ttl=conf.ttl, negative_ttl=conf.negative_ttl,
                     stale_if_error=conf.stale_if_error,

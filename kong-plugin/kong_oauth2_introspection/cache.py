@@ -128,17 +128,6 @@ class _Waiter:
         self.entry: Optional[Entry] = None
 
 
-def cache_identity(conf, static_headers) -> bytes:
-    """What makes the IdP's answer differ: configs with equal identities share a cache.
-
-    The purge command derives cache keys from it, so the plugin and the command
-    must use this one function.
-    """
-    return json.dumps([conf.introspection_url, conf.authorization_value,
-                       conf.token_type_hint, static_headers, conf.store],
-                      sort_keys=True, default=str).encode()
-
-
 def _wait_bound(policy: Policy, deadline: Optional[Deadline]) -> float:
     """Seconds a wait may take now; raises DeadlineExceeded when none are left."""
     if deadline is None:

@@ -531,6 +531,11 @@ class RedisStore:
                 count += int(client.delete(name))
         return count
 
+    def announce(self, message: dict) -> int:
+        """Like ``publish``, but raises on failure; the number of receivers."""
+        data = json.dumps(message, separators=(",", ":"))
+        return int(self._require_client().publish(self.channel, data))
+
     def _require_client(self):
         client = self._connect()
         if client is None:

@@ -1,0 +1,178 @@
+"""``kong-oauth2-introspection purge``: answers dropped on every process within a
+second, by token, sub, client_id or prefix; standalone, Sentinel and Cluster Redis.
+
+Two processes run the plugin's cache (real Config, Introspector, RedisStore,
+TokenCache) against one real Redis; the command runs as its own process."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from idp_double import IdPDouble, Reply
+from redis_servers import (ACL_PASSWORD, ACL_USER, MASTER_SET, PASSWORD,  # noqa: F401
+                           SENTINEL_PASSWORD, CacheNode, redis_cluster, redis_disposable,
+                           redis_sentinel)
+from test_plugin_kong import SECRET
+
+STORE_SECRET = "fedcba9876543210fedcba9876543210"
+
+
+def idp_by_token():
+    """tok-<sub>-<client_id>-<n>: the claims are read from the token."""
+    def behaviour(form, headers):
+        _, sub, client, _n = form["token"].split("-")
+        return Reply(200, {"active": True, "sub": sub, "client_id": client,
+                           "exp": int(time.time()) + 3600})
+    return IdPDouble(behaviour)
+
+
+def plugin(idp, store):
+    return {"introspection_url": idp.url, "authorization_value": SECRET, "ttl": 300,
+            "store": store}
+
+
+def run_purge(conf, *args, stdin=None):
+    out = subprocess.run([sys.executable, "-m", "kong_oauth2_introspection.purge",
+                          "--config", json.dumps(conf), *args], input=stdin,
+                         capture_output=True, text=True, timeout=60)
+    return out
+
+
+def dropped_everywhere(nodes, token, within=1.0):
+    """Seconds until no node holds ``token`` any more (fails past ``within``)."""
+    start = time.monotonic()
+    while any(n.peek(token) is not None for n in nodes):
+        assert time.monotonic() - start < within, f"{token} still cached after {within} s"
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def held_everywhere(nodes, token, within=2.0):
+    start = time.monotonic()
+    while any(n.peek(token) is None for n in nodes):
+        assert time.monotonic() - start < within, f"{token} never reached every node"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def two(request):
+    started = []
+
+    def start(conf):
+        for _ in range(2):
+            node = CacheNode(conf)
+            started.append(node)
+            node.wait_subscribed()
+        return started[-2:]
+    yield start
+    for node in started:
+        node.stop()
+    for node in started:
+        log = node.log()
+        assert STORE_SECRET not in log and ACL_PASSWORD not in log and "tok-" not in log
+
+
+def standalone_store(server, prefix="p:"):
+    return {"key_prefix": prefix, "secret": STORE_SECRET,
+            "redis": {"endpoints": [server.address], "username": ACL_USER,
+                      "password": ACL_PASSWORD}}
+
+
+def test_purge_by_sub_client_id_token_and_all(two, redis_disposable):
+    raw = redis_disposable.client()
+    raw.set("unrelated", "kept")
+    with idp_by_token() as idp:
+        conf = plugin(idp, standalone_store(redis_disposable))
+        a, b = two(conf)
+        tokens = ["tok-alice-app1-1", "tok-bob-app1-2", "tok-carol-app3-3", "tok-dave-app4-4"]
+        for t in tokens:
+            assert a.get(t)["active"]
+        for t in tokens:
+            held_everywhere([a, b], t)
+        # The index does not show claims to whoever reads Redis.
+        names = b" ".join(raw.keys("*"))
+        for claim in (b"alice", b"bob", b"app1", b"carol"):
+            assert claim not in names
+        assert len(idp.calls) == 4
+
+        out = run_purge(conf, "--sub", "alice")
+        assert out.returncode == 0, out.stderr
+        assert dropped_everywhere([a, b], tokens[0]) < 1.0
+        assert all(n.peek(t) for n in (a, b) for t in tokens[1:])
+        assert b.get(tokens[0])["active"] and len(idp.calls) == 5   # asked again
+
+        out = run_purge(conf, "--client-id", "app1")
+        assert out.returncode == 0, out.stderr
+        dropped_everywhere([a, b], tokens[0])
+        dropped_everywhere([a, b], tokens[1])
+        assert all(n.peek(tokens[2]) for n in (a, b))
+
+        out = run_purge(conf, "--token-stdin", stdin=tokens[2] + "\n")
+        assert out.returncode == 0, out.stderr
+        assert tokens[2] not in out.stdout + out.stderr
+        dropped_everywhere([a, b], tokens[2])
+        assert all(n.peek(tokens[3]) for n in (a, b))
+
+        out = run_purge(conf, "--all")
+        assert out.returncode == 0, out.stderr
+        dropped_everywhere([a, b], tokens[3])
+        assert [k for k in raw.keys("*")] == [b"unrelated"]
+        assert b.get(tokens[3])["active"] and len(idp.calls) == 6
+
+
+def test_purge_reaches_a_process_that_never_asked(two, redis_disposable):
+    """B got the answer pushed by A; a purge by token drops it there too."""
+    with idp_by_token() as idp:
+        conf = plugin(idp, standalone_store(redis_disposable, prefix=""))
+        a, b = two(conf)
+        assert a.get("tok-erin-app9-1")["active"]
+        held_everywhere([a, b], "tok-erin-app9-1")
+        assert run_purge(conf, "--token", "tok-erin-app9-1").returncode == 0
+        dropped_everywhere([a, b], "tok-erin-app9-1")
+        assert b.get("tok-erin-app9-1")["active"] and len(idp.calls) == 2
+
+
+def test_usage_errors_and_no_store():
+    assert run_purge({"introspection_url": "http://x/i", "authorization_value": "v"},
+                     "--all").returncode == 1
+    out = subprocess.run([sys.executable, "-m", "kong_oauth2_introspection.purge", "--all"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+
+
+def test_purge_with_sentinel(two, redis_sentinel):
+    store = {"key_prefix": "ps:", "secret": STORE_SECRET, "redis": {
+        "endpoints": redis_sentinel.endpoints, "password": PASSWORD,
+        "sentinel": {"master_set": MASTER_SET, "password": SENTINEL_PASSWORD}}}
+    with idp_by_token() as idp:
+        conf = plugin(idp, store)
+        a, b = two(conf)
+        assert a.get("tok-frank-app5-1")["active"]
+        held_everywhere([a, b], "tok-frank-app5-1")
+        assert run_purge(conf, "--client-id", "app5").returncode == 0
+        dropped_everywhere([a, b], "tok-frank-app5-1")
+
+
+def test_purge_with_cluster(two, redis_cluster):
+    store = {"key_prefix": "pc:", "secret": STORE_SECRET,
+             "redis": {"endpoints": redis_cluster.endpoints, "password": PASSWORD,
+                       "cluster": True}}
+    with idp_by_token() as idp:
+        conf = plugin(idp, store)
+        a, b = two(conf)
+        tokens = [f"tok-gina-app{i}-{i}" for i in range(6)]
+        for t in tokens:
+            assert a.get(t)["active"]
+        for t in tokens:
+            held_everywhere([a, b], t)
+        assert run_purge(conf, "--sub", "gina").returncode == 0
+        for t in tokens:
+            dropped_everywhere([a, b], t)
+        assert a.get(tokens[0])["active"]
+        assert run_purge(conf, "--all").returncode == 0
+        dropped_everywhere([a, b], tokens[0])
+        left = [k for n in redis_cluster.nodes for k in n.client().keys("pc:*")]
+        assert left == []
