@@ -180,8 +180,8 @@ def test_deeper_checks_of_the_plugin_reported(capsys, tmp_path):
         """, tmp_path)
     assert code == 1 and len(lines) == 3
     assert lines[0].startswith("services[0].plugins[0]: config.claims: ") and "col" in lines[0]
-    assert lines[1] == ("services[0].plugins[1]: config.forward_headers: "
-                        "not a valid header name: 'Bad Header'")
+    assert lines[1] == ("services[0].plugins[1]: config.forward_headers: key 'Bad Header': "
+                        "must be a header name: letters, digits and !#$%&'*+-.^_`|~ only")
     assert lines[2].startswith("services[0].plugins[2]: config.custom_introspection_headers: ")
 
 

@@ -121,12 +121,14 @@ def test_empty_string_refused_where_kong_refuses_it():
     assert _errors(token_type_hint="") == ["config.token_type_hint: length must be at least 1"]
     assert _errors(custom_introspection_headers={"x_tenant": ""}) == [
         "config.custom_introspection_headers.x_tenant: length must be at least 1"]
+    # ... map keys too, though there the field's own `err` replaces Kong's message.
     assert _errors(forward_headers={"": "sub"}) == [
-        "config.forward_headers: key '': length must be at least 1"]
+        "config.forward_headers: key '': must be a header name: "
+        "letters, digits and !#$%&'*+-.^_`|~ only"]
     assert _errors(custom_claims_forward=["scope", ""]) == [
         "config.custom_claims_forward.2: length must be at least 1"]
-    assert _errors(token_source={"header": ""}) == [
-        "config.token_source.header: length must be at least 1"]
+    assert _errors(token_source={"query": ""}) == [
+        "config.token_source.query: length must be at least 1"]
 
 
 def test_empty_string_accepted_where_len_min_is_zero():
@@ -317,7 +319,8 @@ _LUA_FIND = _LUA.eval("function(s, p) return string.match(s, p) ~= nil end")
 def _schema_patterns():
     found = set()
     for _, spec in schema._walk(schema.FIELDS, "config"):
-        for part in (spec, spec.get("elements") or {}, spec.get("values") or {}):
+        for part in (spec, spec.get("elements") or {}, spec.get("keys") or {},
+                     spec.get("values") or {}):
             found.update(filter(None, [part.get("match"), part.get("not_match")]))
             found.update(part.get("match_any", {}).get("patterns", []))
     return sorted(found)
@@ -331,7 +334,7 @@ _PATTERNS = _schema_patterns() + [
 
 @pytest.mark.parametrize("pattern", _PATTERNS)
 @settings(max_examples=60, deadline=None)
-@given(value=st.text(alphabet=st.sampled_from("aZ09.-_:/\\]^$ \t\né%{}"), max_size=40))
+@given(value=st.text(alphabet=st.sampled_from("aZ09.-_:/\\]^$ \t\né%{}!#&'*+`|~(\""), max_size=40))
 def test_lua_patterns_match_as_luajit(pattern, value):
     expected = _LUA_FIND(value.encode(), pattern.encode())
     assert luapattern.find(pattern, value) is expected
@@ -341,3 +344,34 @@ def test_schema_patterns_match_their_examples():
     assert _schema_patterns()  # the schema does use patterns: the test above covers them
     for pattern, value in [("^.+:%d+$", "redis:6379\n"), ("^[Hh][Tt][Tt][Pp][Ss]?://[^/]", "HTTPS://x")]:
         assert luapattern.find(pattern, value) is _LUA_FIND(value.encode(), pattern.encode())
+
+
+def test_header_names_checked_by_the_schema():
+    # Header names are RFC 7230 tokens: Kong itself refuses others, as a `match`.
+    message = "must be a header name: letters, digits and !#$%&'*+-.^_`|~ only"
+    assert _errors(forward_headers={"X-User": "sub", "Bad Header": "grp", "Ok!#$%&'*+-.^_`|~": "a"},
+                   token_source={"header": "X Token"}) == [
+        f"config.token_source.header: {message}",
+        f"config.forward_headers: key 'Bad Header': {message}"]
+    assert _errors(custom_introspection_headers={"x_tenant:": "t"}) == [
+        f"config.custom_introspection_headers: key 'x_tenant:': {message}"]
+
+
+def test_certificate_and_key_go_together():
+    # entity_checks mutually_required: "all or none of these fields must be set";
+    # Kong skips the check when one of them is a vault reference.
+    assert _errors(client_tls={"cert": "PEM"}) == [
+        "config.client_tls: all or none of these fields must be set: 'cert', 'key'"]
+    assert _errors(store={"redis": {"tls": {"key": "PEM"}}}) == [
+        "config.store.redis.tls: all or none of these fields must be set: 'cert', 'key'"]
+    assert _errors(client_tls={"cert": "PEM", "key": "PEM"}) == []
+    assert _errors(client_tls={"key": "{vault://env/tls-key}"}) == []
+
+
+def test_unsupported_schema_constructs_refused_at_load():
+    with pytest.raises(ValueError, match="not supported"):
+        schema.PluginSchema({"name": "x", "fields": [{"a": {"type": "string", "match": "%b()"}}]})
+    with pytest.raises(ValueError, match="not supported"):
+        schema.PluginSchema({"name": "x", "fields": [{"r": {
+            "type": "record", "fields": [{"a": {"type": "string"}}],
+            "entity_checks": [{"conditional": {"if_field": "a"}}]}}]})

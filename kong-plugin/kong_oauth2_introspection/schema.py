@@ -22,7 +22,7 @@ import copy
 import json
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from . import luapattern
 
@@ -255,7 +255,13 @@ def _walk(fields: List[Dict[str, Spec]], prefix: str) -> Iterator[Tuple[str, Spe
 
 
 def _compile_patterns(path: str, spec: Spec) -> None:
-    """Refuse, when the schema loads, a pattern this module cannot judge as Lua would."""
+    """Refuse, when the schema loads, a pattern or entity check this module cannot
+    judge as Kong would."""
+    names = {name for entry in spec.get("fields", []) for name in entry}
+    for check in spec.get("entity_checks", []):
+        (rule, fields), = check.items()
+        if rule not in _ENTITY_CHECKS or not set(fields) <= names:
+            raise ValueError(f"schema field {path}: entity check {check!r} is not supported")
     for part in (spec, spec.get("elements"), spec.get("keys"), spec.get("values")):
         if not part:
             continue
@@ -316,7 +322,8 @@ def _field(spec: Spec, value: Any, path: str, errors: List[Violation], strict: b
         errors.append(Violation(path, f"expected {_ARTICLE.get(kind, 'a')} {kind}"))
         return value
     if kind == "record":
-        return _record(spec["fields"], {} if value == [] else value, path, errors, strict)
+        return _record(spec["fields"], {} if value == [] else value, path, errors, strict,
+                       spec.get("entity_checks", ()))
     if kind in ("set", "array"):
         items = [] if value == {} else list(value)
         if kind == "set":  # Kong's make_set: duplicates go before validation
@@ -362,7 +369,9 @@ def _after_type(spec: Spec, value: Any, path: str, errors: List[Violation]) -> A
 
 
 def _record(fields: List[Dict[str, Spec]], config: Dict[str, Any], path: str,
-            errors: List[Violation], strict: bool) -> Dict[str, Any]:
+            errors: List[Violation], strict: bool,
+            checks: Sequence[Dict[str, Any]] = ()) -> Dict[str, Any]:
+    first_error = len(errors)
     out: Dict[str, Any] = {}
     known = set()
     for entry in fields:
@@ -391,7 +400,45 @@ def _record(fields: List[Dict[str, Spec]], config: Dict[str, Any], path: str,
         for name in config:
             if name not in known:
                 errors.append(Violation(f"{path}.{name}" if path else str(name), "unknown field"))
+    specs = {name: spec for entry in fields for name, spec in entry.items()}
+    for check in checks:
+        (rule, names), = check.items()
+        invalid = {e.path for e in errors[first_error:]}
+        problem = _entity_check(rule, names, out, specs,
+                                any(f"{path}.{n}" in invalid for n in names))
+        if problem:
+            errors.append(Violation(path, problem))
     return out
+
+
+# Kong's entity checkers this module applies (kong/db/schema/init.lua,
+# Schema.entity_checkers): message, test on the non-empty fields, and whether the
+# check still runs when one of its fields is invalid (run_with_invalid_fields).
+_ENTITY_CHECKS: Dict[str, Tuple[str, Callable[[int, int], bool], bool]] = {
+    "at_least_one_of": ("at least one of these fields must be non-empty: {}",
+                        lambda filled, total: filled >= 1, True),
+    "only_one_of": ("exactly one of these fields must be non-empty: {}",
+                    lambda filled, total: filled == 1, True),
+    "mutually_required": ("all or none of these fields must be set: {}",
+                          lambda filled, total: filled in (0, total), False),
+    "mutually_exclusive": ("only one or none of these fields must be set: {}",
+                           lambda filled, total: filled <= 1, False),
+}
+
+
+def _entity_check(rule: str, names: List[str], record: Dict[str, Any],
+                  specs: Dict[str, Spec], invalid: bool) -> Optional[str]:
+    message, test, with_invalid = _ENTITY_CHECKS[rule]
+    if invalid and not with_invalid:
+        return None
+    values = [record.get(name) for name in names]
+    # Kong skips a check when one of its fields holds a vault reference.
+    if any(specs[n].get("referenceable") and is_reference(v) for n, v in zip(names, values)):
+        return None
+    filled = sum(1 for v in values if v not in (None, "", [], {}))
+    if test(filled, len(names)):
+        return None
+    return message.format(", ".join(f"'{name}'" for name in names))
 
 
 def _type_text(spec: Spec) -> str:
