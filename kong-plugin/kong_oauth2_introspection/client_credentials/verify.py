@@ -19,7 +19,7 @@ from .authserver import AuthServer, ServerError
 from .config import Config
 
 JWKS_MAX_AGE = 300.0
-REFRESH_INTERVAL = 5.0
+REFRESH_INTERVAL = 1.0
 LEEWAY = 5   # seconds of clock difference tolerated between the server and Kong
 _FAMILIES = {"RSA": ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
              "EC": ("ES256", "ES384", "ES512"),
