@@ -31,6 +31,9 @@ Schema = [
 def _jsonable(v):
     if isinstance(v, bytes):
         return {"__bytes__": base64.b64encode(v).decode()}
+    if isinstance(v, str) and any(0xDC80 <= ord(c) <= 0xDCFF for c in v):
+        # a msgpack str that was not UTF-8 (only seen with --lenient)
+        return {"__str_bytes__": base64.b64encode(v.encode("utf-8", "surrogateescape")).decode()}
     if isinstance(v, dict):
         return {k: _jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -66,6 +69,8 @@ class Plugin(object):
             "ip": kong.client.get_ip(),
             "credential": kong.client.get_credential(),
             "missing": kong.request.get_header("x-not-there"),
+            "x_token": kong.request.get_header("x-token"),
+            "cookie": kong.request.get_header("cookie"),
         }
         kong.log.set_serialize_value("seen", json.dumps(_jsonable(seen)))
         kong.log.info("echo done ", 42)
@@ -109,14 +114,112 @@ class Plugin(object):
     def do_unknown(self, kong):
         kong.request.no_such_thing()
 
+    def _try(self, fn, *args):
+        """A PDK read: its value, or the PDKException a StepError raises (Kong 2.8)."""
+        try:
+            return {"value": _jsonable(fn(*args))}
+        except Exception as e:  # kong_pdk.exception.PDKException
+            return {"error": str(e)}
+
+    def do_body(self, kong):
+        out = {"body": self._try(kong.request.get_body),
+               "raw_body": self._try(kong.request.get_raw_body)}
+        kong.log.set_serialize_value("body", json.dumps(out))
+
+    def do_caps(self, kong):
+        n = kong.request.get_header("x-max")
+        extra = [int(n)] if n else []
+        out = {"headers": len(kong.request.get_headers(*extra)),
+               "query": len(kong.request.get_query(*extra)),
+               "form": len(kong.request.get_body(None, *extra) or {})}
+        kong.log.set_serialize_value("caps", json.dumps(out))
+
+    def do_bad_max(self, kong):
+        kong.request.get_headers(1001)
+
+    def do_set_headers(self, kong):
+        which = kong.request.get_header("x-which")
+        arg = {"map": {}, "list": [], "clear": {"X-Gone": []},
+               "values": {"X-Empty": "", "X-Num": 1.5, "X-Int": 3, "X-Flag": True}}[which]
+        kong.service.request.set_headers(arg)
+
+    def do_authenticate(self, kong):
+        kong.client.authenticate(None, {"id": "cred-probe"})
+
     def do_ctx(self, kong):
         kong.ctx.shared.set("k", "v")
         kong.log.set_serialize_value("ctx", kong.ctx.shared.get("k"))
         kong.log.set_serialize_value("var", kong.nginx.get_var("request_uri"))
 
 
+class Second(object):
+    """A second plugin for --multi: it only says who it is."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def access(self, kong):
+        kong.log.set_serialize_value("who", "probe_two")
+
+
+def _lenient():
+    """--lenient: kong-pdk's listener decodes msgpack str strictly and drops the
+    connection on bytes that are not UTF-8; decode them surrogate-escaped instead,
+    so a test can see what Kong actually sent."""
+    import msgpack
+    from kong_pdk import listener
+    strict = msgpack.Unpacker
+
+    class Unpacker(strict):
+        def __init__(self, *a, **kw):
+            kw.setdefault("unicode_errors", "surrogateescape")
+            super().__init__(*a, **kw)
+    listener.msgpack = type("m", (), {"Unpacker": Unpacker, "packb": staticmethod(
+        lambda o, **kw: msgpack.packb(o, unicode_errors="surrogateescape", **kw))})
+
+
+def _multi(argv):
+    """--multi: one kong-pdk server hosting two plugins (probe, probe_two) on
+    probe.sock; -dump lists both, as Kong's query command reads them."""
+    from kong_pdk.listener import UnixStreamServer
+    from kong_pdk.module import Module
+    from kong_pdk.server import PluginServer
+    ps = PluginServer(name="probe multi", lua_style=False)
+    for name, cls, schema in (("probe", Plugin, Schema), ("probe_two", Second, [])):
+        mod = type("mod", (), {"Plugin": cls, "Schema": schema, "version": VERSION,
+                               "priority": PRIORITY})
+        ps.plugins[name] = Module(name, module=mod)
+    if "-dump" in argv:
+        print(json.dumps([ps.get_plugin_info(n) for n in ("probe", "probe_two")]))
+        return
+    prefix = argv[argv.index("-kong-prefix") + 1]
+    UnixStreamServer(ps, prefix, sock_name="probe.sock").serve_forever()
+
+
+def _dump_with_entity_fields():
+    """PROBE_NO_CONSUMER=1: the dumped schema also has top-level entries, like a
+    Lua plugin's ``consumer = typedefs.no_consumer`` and ``protocols``."""
+    fields = [{"consumer": {"type": "foreign", "reference": "consumers", "eq": None}},
+              {"protocols": {"type": "set", "elements": {"type": "string",
+                                                         "one_of": ["http", "https"]}}},
+              {"config": {"type": "record", "fields": Schema}}]
+    print(json.dumps([{"Name": NAME, "Phases": ["access"], "Priority": PRIORITY,
+                       "Version": VERSION, "Schema": {"name": NAME, "fields": fields}}]))
+
+
 if __name__ == "__main__":
+    import os
     argv = sys.argv[1:]
+    if "--lenient" in argv:
+        argv.remove("--lenient")
+        _lenient()
+    if "--multi" in argv:
+        argv.remove("--multi")
+        _multi(argv)
+        sys.exit(0)
+    if "-dump" in argv and os.environ.get("PROBE_NO_CONSUMER"):
+        _dump_with_entity_fields()
+        sys.exit(0)
     if "--no-lua-style" not in argv:
         argv.append("--no-lua-style")
     sys.argv = [sys.argv[0]] + argv

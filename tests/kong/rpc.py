@@ -1,0 +1,177 @@
+"""Kong's MessagePack-RPC client for plugin servers and its bridge loop.
+
+Mirrors kong/runloop/plugin_servers/rpc/mp_rpc.lua (Kong 3.9):
+* ``Rpc:call``: one request ``[0, id, method, [arg]]`` on a pooled Unix-socket
+  connection (nginx keepalive), answers ``[1, id, err, result]``, notifications
+  ``[2, label, args]`` handled on the way. A failed connect is ``trying to connect``,
+  a connection the server closes or drops is ``no data``, silence longer than the
+  cosocket timeout (60 s by default; Kong sets none) is ``timeout``;
+* lua-MessagePack packing: every Lua string is a msgpack *str* holding whatever
+  bytes it holds (non-UTF-8 bytes included), only raw bodies (``fix_raw``) are *bin*;
+  multi-maps go through ``fix_mmap`` (every value a list, empty map when empty);
+* ``bridge_loop``: ``plugin.HandleEvent``, then one ``plugin.Step*`` per PDK call
+  until ``"ret"``. Kong 3.x keeps only a PDK function's first return value
+  (``ret = method(unpack(args))``), so ``nil, err`` reaches the plugin as nil;
+  Kong 2.8 answered ``plugin.StepError`` with the error text.
+"""
+
+import itertools
+import socket
+import threading
+from typing import Any, Callable, Dict, List, Optional
+
+import msgpack
+
+from .lua import LuaNil, Multi, from_wire, to_wire
+from .pdk import MULTI_MAP, PDK, RAW, STEP_METHODS
+
+__all__ = ["Rpc", "RpcError", "bridge_loop", "fix_mmap"]
+
+
+class RpcError(Exception):
+    """An RPC that failed: Kong logs the text and goes on (fails open)."""
+
+
+def _packer() -> msgpack.Packer:
+    # str with surrogate-escaped bytes -> msgpack str holding the raw bytes
+    return msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+
+
+def fix_mmap(t: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """mp_rpc.lua's fix_mmap: every value a list (a bare flag -> [])."""
+    out: Dict[str, Any] = {}
+    for k, v in (t or {}).items():
+        if v is True:
+            out[k] = []
+        elif isinstance(v, str):
+            out[k] = [v]
+        else:
+            out[k] = v
+    return out   # an empty result is an empty MAP (mp_empty_map)
+
+
+class Rpc(object):
+    def __init__(self, socket_path: str, timeout: float,
+                 on_notification: Optional[Callable[[str, Any], None]] = None) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.on_notification = on_notification
+        self._pool: List[socket.socket] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def reset(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, []
+        for c in pool:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+    def _get(self) -> socket.socket:
+        while True:
+            with self._lock:
+                c = self._pool.pop() if self._pool else None
+            if c is None:
+                break
+            try:  # an idle keepalive connection the peer closed is dropped
+                c.setblocking(False)
+                try:
+                    if c.recv(1, socket.MSG_PEEK) == b"":
+                        c.close()
+                        continue
+                except BlockingIOError:
+                    pass
+                c.setblocking(True)
+                return c
+            except OSError:
+                c.close()
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.settimeout(self.timeout)
+        try:
+            c.connect(self.socket_path)
+        except OSError as e:
+            c.close()
+            raise RpcError("trying to connect: %s" % (e.strerror or e))
+        return c
+
+    def call(self, method: str, arg: Any) -> Any:
+        msg_id = next(self._ids)
+        c: Optional[socket.socket] = self._get()
+        assert c is not None
+        c.settimeout(self.timeout)
+        try:
+            c.sendall(_packer().pack([0, msg_id, method, [arg]]))
+            unpacker = msgpack.Unpacker(raw=False, strict_map_key=False,
+                                        unicode_errors="surrogateescape")
+            while True:
+                try:
+                    chunk = c.recv(65536)
+                except socket.timeout:
+                    raise RpcError("timeout")
+                if not chunk:
+                    raise RpcError("no data")
+                unpacker.feed(chunk)
+                for msg in unpacker:
+                    if msg[0] == 2:
+                        if self.on_notification is not None:
+                            self.on_notification(msg[1], msg[2])
+                        continue
+                    if msg[0] != 1 or msg[1] != msg_id:
+                        raise RpcError("unexpected RPC response ID from Go plugin server")
+                    with self._lock:
+                        self._pool.append(c)
+                    c = None
+                    if msg[2] is not None:
+                        raise RpcError(str(msg[2]))
+                    return msg[3]
+        except OSError as e:
+            raise RpcError(str(e))
+        finally:
+            if c is not None:
+                c.close()
+
+
+def bridge_loop(rpc: Rpc, instance_id: Any, phase: str, pdk: PDK, step_errors: bool) -> None:
+    """Runs one event to its end; raises RpcError (Kong logs it, the request goes
+    on), LuaError (500) or Exited (kong.response.exit). ``step_errors``: answer
+    ``nil, err`` with plugin.StepError, as Kong 2.8 did."""
+    r = pdk.s.result
+    r.plugin_ran = True
+    step_in = rpc.call("plugin.HandleEvent", {"InstanceId": instance_id, "EventName": phase})
+    event_id = step_in.get("EventId") if isinstance(step_in, dict) else None
+    while True:
+        data = step_in.get("Data") if isinstance(step_in, dict) else None
+        if data == "ret":
+            return
+        if not isinstance(data, dict):
+            # Lua would index nil here: 'attempt to index field Data'
+            raise RpcError("unexpected answer from plugin server: %r" % (data,))
+        method = str(data.get("Method"))
+        raw_args = from_wire(data.get("Args"))
+        args = raw_args if isinstance(raw_args, list) else ([] if raw_args is None else [raw_args])
+        r.pdk_calls.append(method)
+        r.pdk_trace.append((method, args))
+        res = pdk.call(method, args)
+        err = None
+        if res is LuaNil:
+            r.kong_logs.append(("err", "could not find pdk method: %s" % method))
+            res = None
+        elif isinstance(res, Multi):
+            res, err = res.value, res.err
+        if res is None and err is not None and step_errors:
+            step_method, packed = "plugin.StepError", err
+        else:
+            step_method = STEP_METHODS.get(method, "plugin.Step")
+            if method in MULTI_MAP:
+                packed = fix_mmap(res) if res is not None else None
+            elif method in RAW:
+                packed = res if isinstance(res, bytes) or res is None else \
+                    str(res).encode("utf-8", "surrogateescape")
+            else:
+                packed = to_wire(res)
+        step: Dict[str, Any] = {"EventId": event_id}
+        if packed is not None:
+            step["Data"] = packed
+        step_in = rpc.call(step_method, step)

@@ -1,0 +1,479 @@
+"""KongStandIn: Kong Gateway 3.9 (OSS) as a plugin server sees it, for tests.
+
+It runs the REAL plugin server (Kong's query command ``cmd -dump`` and start
+command ``cmd -kong-prefix DIR``, socket ``DIR/<name>.sock``) and drives it over
+its REAL MessagePack-RPC socket, doing in Python what Kong does on its side:
+
+* process management: kong/runloop/plugin_servers/process.lua (worker 0 spawns
+  the start command and, with ``respawn=True``, respawns a server that exits at
+  most once a second, never after exit 127);
+* per request: nginx first (nginx.py: 400 for a second Authorization line...),
+  then the plugin's phase through plugin.lua / mp_rpc.lua (instances.py, rpc.py,
+  pdk.py), then the bundled post-function guard if one is set (guard.py);
+* when the RPC fails (connect refused, connection dropped, no answer within
+  ``rpc_timeout``, 60 s by default like Kong's cosocket) or the instance cannot be
+  claimed, Kong logs the error and the request goes on to the upstream WITHOUT
+  the plugin: ``Result.failed_open`` / ``passed_unauthenticated``. By default
+  (``fail_open="raise"``) that raises FailedOpen, an AssertionError, so a test
+  where it happens fails; ``fail_open="record"`` only records it.
+
+Facts: shared/design/kong-plugin-server.md. This package never imports the
+plugin's code: it is a test oracle.
+"""
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from http.server import ThreadingHTTPServer
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from .admin import admin_handler
+from .guard import PostFunction
+from .instances import ClaimFailed, Instances
+from .lua import LuaError, lua_str
+from .nginx import (DEFAULT_BODY_BUFFER, CIMultiDict, HeadersIn, drop_invalid_names,
+                    duplicate_unique_header, header_pairs, ngx_escape)
+from .pdk import PDK, Exited
+from .result import FailedOpen, Result, Upstream
+from .rpc import Rpc, RpcError, bridge_loop
+from .schema import PluginSchema
+from .state import RequestState
+
+__all__ = ["KongStandIn", "Instance"]
+
+_GENERIC_500 = b'{"message":"An unexpected error occurred"}'
+
+
+class Instance(object):
+    """A configured plugin entity and exactly the Config StartInstance sends."""
+
+    def __init__(self, name: str, plugin_id: str, conf_json: str) -> None:
+        self.name = name
+        self.plugin_id = plugin_id
+        self.conf_json = conf_json
+        self.conf: Dict[str, Any] = json.loads(conf_json)
+        self.seq: int = self.conf["__seq__"]
+        self.route_id: Optional[str] = self.conf.get("route_id")
+        self.service_id: Optional[str] = self.conf.get("service_id")
+        self.consumer_id: Optional[str] = self.conf.get("consumer_id")
+
+    def __repr__(self) -> str:
+        return "Instance(%s #%s seq=%s)" % (self.name, self.plugin_id, self.seq)
+
+
+def _scope_id(value: Union[None, bool, str], default: str) -> Optional[str]:
+    if value is None or value is False:
+        return None
+    return default if value is True else str(value)
+
+
+class KongStandIn(object):
+    def __init__(self, command: Sequence[str], *, env: Optional[Dict[str, str]] = None,
+                 rpc_timeout: float = 60.0, start_timeout: float = 20.0,
+                 kong_version: str = "3.9", client_body_buffer_size: int = DEFAULT_BODY_BUFFER,
+                 fail_open: str = "raise", instance_claim_wait: float = 10.0,
+                 respawn: bool = False, post_function: Optional[Sequence[str]] = None,
+                 socket_name: Optional[str] = None) -> None:
+        if fail_open not in ("raise", "record"):
+            raise ValueError("fail_open must be 'raise' or 'record'")
+        self.command = list(command)
+        self.env = dict(os.environ, **(env or {}))
+        self.rpc_timeout = rpc_timeout
+        self.start_timeout = start_timeout
+        self.kong_version = kong_version
+        self.step_errors = int(kong_version.split(".")[0]) < 3
+        self.client_body_buffer_size = client_body_buffer_size
+        self.fail_open = fail_open
+        self.respawn = respawn
+        self.node_id = str(uuid.uuid4())
+        self.route: Dict[str, Any] = {"id": str(uuid.uuid4()), "name": "standin-route", "paths": ["/"],
+                      "protocols": ["http", "https"], "strip_path": True,
+                      "preserve_host": False}
+        self.service: Dict[str, Any] = {"id": str(uuid.uuid4()), "name": "standin-service",
+                        "host": "upstream.test", "port": 80, "protocol": "http", "path": None}
+        self.admin_requests: List[Any] = []
+        self.respawns = 0
+        self.post_function: Optional[PostFunction] = None
+        self._consumers: Dict[str, Dict[str, Any]] = {}
+        self._clock = threading.Lock()
+        self._seq = itertools.count(1)
+        self._instances = Instances(instance_claim_wait)
+        self._log: List[str] = []
+        self._log_lock = threading.Lock()
+        self._proc: Optional[subprocess.Popen] = None
+        self._proc_lock = threading.Lock()
+        self._last_spawn = 0.0
+        self._closing = False
+        self._prefix = tempfile.mkdtemp(prefix="kong-standin-")
+        self._admin: Optional[ThreadingHTTPServer] = None
+        self._rpc: Optional[Rpc] = None
+        try:
+            if post_function:
+                self.set_post_function(post_function)
+            self._admin = ThreadingHTTPServer(("127.0.0.1", 0), admin_handler(self))
+            self._admin.daemon_threads = True
+            threading.Thread(target=self._admin.serve_forever, daemon=True).start()
+            # the plugin server inherits Kong's environment; point it at this Admin API
+            if "KONG_ADMIN_URL" not in (env or {}):
+                self.env["KONG_ADMIN_URL"] = self.admin_url
+            self.plugins_info = self._query()
+            self.info = self.plugins_info[0]
+            self.name: str = self.info["Name"]
+            self.schemas = {p["Name"]: PluginSchema(p) for p in self.plugins_info}
+            self.socket_path = os.path.join(self._prefix, (socket_name or self.name) + ".sock")
+            self._rpc = Rpc(self.socket_path, rpc_timeout, self._instances.notification)
+            self._spawn()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- process management (process.lua)
+    def _query(self) -> List[Dict[str, Any]]:
+        out = subprocess.run(self.command + ["-dump"], env=self.env, capture_output=True,
+                             timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError("query command failed (%d): %s"
+                               % (out.returncode, out.stderr.decode(errors="replace")))
+        data = json.loads(out.stdout.decode())
+        if isinstance(data, dict):
+            data = data.get("Plugins", [])
+        if not data:
+            raise RuntimeError("query command listed no plugin")
+        return data
+
+    def _spawn(self, wait: bool = True) -> None:
+        proc = subprocess.Popen(self.command + ["-kong-prefix", self._prefix], env=self.env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        with self._proc_lock:
+            self._proc = proc
+            self._last_spawn = time.monotonic()
+        threading.Thread(target=self._read_output, args=(proc,), daemon=True).start()
+        threading.Thread(target=self._watch, args=(proc,), daemon=True).start()
+        if wait:
+            self._wait_listening(proc)
+
+    def _wait_listening(self, proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("plugin server exited with %s:\n%s"
+                                   % (proc.returncode, self.server_log()))
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self.socket_path)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("plugin server did not listen on %s:\n%s"
+                                       % (self.socket_path, self.server_log()))
+                time.sleep(0.02)
+            finally:
+                s.close()
+
+    def _read_output(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in iter(proc.stdout.readline, b""):
+            with self._log_lock:
+                self._log.append(line.decode("utf-8", "replace"))
+        proc.stdout.close()
+
+    def _watch(self, proc: subprocess.Popen) -> None:
+        """Worker 0's timer: respawn a server that exited, at most once a second,
+        never after 127 (command not found)."""
+        code = proc.wait()
+        with self._proc_lock:
+            mine = proc is self._proc and not self._closing
+        if not mine or not self.respawn or code == 127:
+            return
+        time.sleep(max(0.0, self._last_spawn + 1.0 - time.monotonic()))
+        with self._proc_lock:
+            if proc is not self._proc or self._closing:
+                return
+            self.respawns += 1
+        self._spawn(wait=False)
+
+    def _signal(self, sig: int) -> None:
+        proc = self._proc
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _kill(self) -> None:
+        with self._proc_lock:
+            proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for sig in (signal.SIGKILL, signal.SIGCONT):
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    @property
+    def pid(self) -> Optional[int]:
+        proc = self._proc
+        return proc.pid if proc else None
+
+    def restart_server(self) -> None:
+        """Kill the plugin server and start a new one, as worker 0 would. Kong keeps
+        its instance table: the next request meets ``no plugin instance``."""
+        self._kill()
+        if self._rpc is not None:
+            self._rpc.reset()
+        self._spawn()
+
+    def kill_server(self) -> None:
+        """SIGKILL the server (a crash). With ``respawn=True`` it comes back as
+        with Kong, after at most a second; else it stays down."""
+        self._signal(signal.SIGKILL)
+        proc = self._proc
+        if proc is not None:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        if not self.respawn:
+            self._kill()
+
+    def hang_server(self) -> None:
+        """SIGSTOP the server: connections are accepted by the kernel, never answered."""
+        self._signal(signal.SIGSTOP)
+
+    def resume_server(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def wait_listening(self) -> None:
+        """Wait until the (re)spawned server listens."""
+        deadline = time.monotonic() + self.start_timeout
+        while self._proc is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self._proc is None:
+            raise RuntimeError("no plugin server running")
+        self._wait_listening(self._proc)
+
+    def server_log(self) -> str:
+        with self._log_lock:
+            return "".join(self._log)
+
+    def close(self) -> None:
+        with self._proc_lock:
+            self._closing = True
+        self._kill()
+        if self._rpc is not None:
+            self._rpc.reset()
+        if self._admin is not None:
+            self._admin.shutdown()
+            self._admin.server_close()
+            self._admin = None
+        shutil.rmtree(self._prefix, ignore_errors=True)
+
+    def __enter__(self) -> "KongStandIn":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def admin_url(self) -> str:
+        assert self._admin is not None
+        host, port = self._admin.server_address[:2]
+        return "http://%s:%d" % (host if isinstance(host, str) else host.decode(), port)
+
+    # ---- the bundled post-function plugin
+    def set_post_function(self, chunks: Optional[Sequence[str]]) -> None:
+        self.post_function = PostFunction(chunks) if chunks else None
+
+    # ---- consumers
+    def add_consumer(self, username: Optional[str] = None, custom_id: Optional[str] = None,
+                     id: Optional[str] = None) -> Dict[str, Any]:
+        if username is None and custom_id is None:
+            raise ValueError("a consumer needs a username or a custom_id")
+        now = int(time.time())
+        c: Dict[str, Any] = {"id": id or str(uuid.uuid4()), "username": username, "custom_id": custom_id,
+             "created_at": now, "updated_at": now, "tags": None}
+        with self._clock:
+            for other in self._consumers.values():
+                if username is not None and other["username"] == username:
+                    raise ValueError("username already exists")
+                if custom_id is not None and other["custom_id"] == custom_id:
+                    raise ValueError("custom_id already exists")
+            self._consumers[c["id"]] = c
+        return dict(c)
+
+    def remove_consumer(self, id_or_username: str) -> None:
+        with self._clock:
+            for cid, c in list(self._consumers.items()):
+                if id_or_username in (cid, c["username"]):
+                    del self._consumers[cid]
+
+    def consumers(self) -> List[Dict[str, Any]]:
+        with self._clock:
+            return [dict(c) for c in self._consumers.values()]
+
+    def _consumer_by_id(self, cid: str) -> Optional[Dict[str, Any]]:
+        with self._clock:
+            c = self._consumers.get(cid.lower())
+            return dict(c) if c else None
+
+    def _consumer_by_username(self, username: str) -> Optional[Dict[str, Any]]:
+        with self._clock:
+            for c in self._consumers.values():
+                if c["username"] == username:
+                    return dict(c)
+        return None
+
+    # ---- configuration (Kong's schema layer + plugins_iterator)
+    def _schema(self, name: Optional[str]) -> PluginSchema:
+        schema = self.schemas.get(name or self.name)
+        if schema is None:
+            raise ValueError("the plugin server does not serve %r" % name)
+        return schema
+
+    def fill_config(self, config: Optional[Dict[str, Any]], *,
+                    name: Optional[str] = None) -> Dict[str, Any]:
+        """The plugin's own fields as Kong's schema layer makes them (no Kong keys)."""
+        return json.loads(PluginSchema.encode(self._schema(name).fill(config)))
+
+    def configure(self, config: Optional[Dict[str, Any]], *, plugin_id: Optional[str] = None,
+                  name: Optional[str] = None, route: Union[None, bool, str] = None,
+                  service: Union[None, bool, str] = None,
+                  consumer: Union[None, bool, str] = None,
+                  instance_name: Optional[str] = None,
+                  protocols: Optional[List[str]] = None) -> Instance:
+        """A plugin entity as the Admin API would accept it (else SchemaViolation),
+        and the Config Kong sends for it. ``route``/``service``/``consumer``: True
+        for the stand-in's own route/service or a new consumer id, or an id."""
+        schema = self._schema(name)
+        route_id = _scope_id(route, self.route["id"])
+        service_id = _scope_id(service, self.service["id"])
+        consumer_id = _scope_id(consumer, str(uuid.uuid4()))
+        schema.check_entity(route_id, service_id, consumer_id, protocols)
+        filled = schema.fill(config)
+        plugin_id = plugin_id or str(uuid.uuid4())
+        conf = PluginSchema.kong_config(filled, name=schema.name, plugin_id=plugin_id,
+                                        seq=next(self._seq), route_id=route_id,
+                                        service_id=service_id, consumer_id=consumer_id,
+                                        instance_name=instance_name)
+        return Instance(schema.name, plugin_id, PluginSchema.encode(conf))
+
+    def instance_ids(self) -> Dict[str, Any]:
+        return self._instances.ids()
+
+    # ---- requests
+    def request(self, instance: Instance, method: str = "GET", path: str = "/", *,
+                headers: HeadersIn = None, query: Union[None, str, bytes, Dict[str, Any]] = None,
+                body: Union[None, str, bytes] = None, client_ip: str = "127.0.0.1",
+                authenticated: Any = None, authenticated_consumer: Any = None,
+                phase: str = "access") -> Result:
+        """One client request through nginx, the plugin and the guard. Headers,
+        query and body may be bytes (non-UTF-8 bytes reach the plugin as they are)."""
+        if phase not in self._schema(instance.name).phases:
+            raise ValueError("plugin %s has no %s phase" % (instance.name, phase))
+        if "?" in path and query is None:
+            path, query = path.split("?", 1)
+        raw_query = _raw_query(query)
+        raw_body = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else (body or b"")
+        pairs = header_pairs(headers)
+        if not any(k.lower() == "host" for k, _ in pairs):
+            pairs.insert(0, ("Host", "kong.test"))
+        if raw_body and not any(k.lower() in ("content-length", "transfer-encoding")
+                                for k, _ in pairs):
+            pairs.append(("Content-Length", str(len(raw_body))))
+        state = RequestState(standin=self, instance=instance, method=method, path=path,
+                             pairs=drop_invalid_names(pairs), raw_query=raw_query,
+                             body=raw_body, client_ip=client_ip, credential=authenticated,
+                             consumer=authenticated_consumer, phase=phase,
+                             body_buffer=self.client_body_buffer_size)
+        r = state.result
+        dup = duplicate_unique_header(pairs)
+        if dup is not None:
+            # nginx answers before Kong's Lua runs (Kong's error page: JSON)
+            r.kong_logs.append(("info", dup))
+            _answer(r, 400, b'{"message":"Bad request"}')
+            return self._finish(state)
+        pdk = PDK(state)
+        try:
+            err = self._handle_event(instance, phase, state, pdk, retries=3)
+            if err is not None:
+                r.kong_logs.append(("err", err))
+                r.kong_error = err
+                r.failed_open = True
+            if phase == "access" and self.post_function is not None:
+                self.post_function.run(state)
+        except Exited:
+            pass
+        except LuaError as e:
+            # the runloop catches the error: 500 with Kong's generic message
+            r.kong_logs.append(("err", str(e)))
+            r.kong_error = str(e)
+            _answer(r, 500, _GENERIC_500)
+            state.response_headers = r.response_headers
+        r.response_headers = state.response_headers
+        return self._finish(state)
+
+    def _finish(self, state: RequestState) -> Result:
+        r = state.result
+        try:
+            r.json = json.loads(r.body.decode("utf-8")) if r.body else None
+        except (ValueError, UnicodeDecodeError):
+            r.json = None
+        r.upstream = Upstream(state.upstream_method, state.upstream_path, state.headers,
+                              state.raw_query, state.body)
+        r.consumer = state.consumer
+        r.credential = state.credential
+        r.ctx_shared = state.ctx_shared
+        r.passed_unauthenticated = r.failed_open and r.proxied
+        if r.passed_unauthenticated and self.fail_open == "raise":
+            raise FailedOpen(r)
+        return r
+
+    def _handle_event(self, inst: Instance, phase: str, state: RequestState, pdk: PDK,
+                      retries: int) -> Optional[str]:
+        """mp_rpc.lua Rpc:handle_event: an error text when Kong logs and goes on;
+        ``no plugin instance`` resets the instances and retries in this request."""
+        assert self._rpc is not None
+        try:
+            iid = self._instances.get_id(self._rpc, inst, state.result)
+            bridge_loop(self._rpc, iid, phase, pdk, self.step_errors)
+            return None
+        except (ClaimFailed, RpcError) as e:
+            err = str(e)
+        if "no plugin instance" in err.lower() and retries > 0:
+            state.result.kong_logs.append(("warn", err))
+            self._instances.reset(inst.name)
+            return self._handle_event(inst, phase, state, pdk, retries - 1)
+        return err
+
+
+def _answer(r: Result, status: int, body: bytes) -> None:
+    r.status = status
+    r.body = body
+    r.proxied = False
+    r.response_headers = CIMultiDict([("Content-Type", "application/json; charset=utf-8"),
+                                      ("Content-Length", str(len(body)))])
+
+
+def _raw_query(query: Union[None, str, bytes, Dict[str, Any]]) -> str:
+    if query is None:
+        return ""
+    if isinstance(query, (str, bytes)):
+        return lua_str(query)
+    return "&".join(ngx_escape(k) if v is True else
+                    ngx_escape(k) + "=" + ngx_escape(lua_str(v) if isinstance(v, bytes) else v)
+                    for k, vs in query.items()
+                    for v in (vs if isinstance(vs, list) else [vs]))
