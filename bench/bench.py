@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from kong_standin import KongStandIn  # noqa: E402
+from kong import KongStandIn  # noqa: E402
 
 FLOOR_CMD = [sys.executable, os.path.join(HERE, "floor_plugin.py")]
 OURS_CMD = [shutil.which("kong-oauth2-introspection",

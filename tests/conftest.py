@@ -19,7 +19,7 @@ def plugin_command():
 @pytest.fixture(scope="module")
 def kong():
     """A Kong stand-in driving the real plugin server over its Unix socket."""
-    from kong_standin import KongStandIn
+    from kong import KongStandIn
     with KongStandIn(plugin_command()) as standin:
         yield standin
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import plugin_command
 from idp_double import INACTIVE, IdPDouble, Reply, active
-from kong_standin import KongStandIn
+from kong import KongStandIn
 from redis_servers import (ACL_PASSWORD, ACL_USER, MASTER_SET, PASSWORD,  # noqa: F401
                            SENTINEL_PASSWORD, CacheNode, redis_cluster, redis_disposable,
                            redis_sentinel, redis_tls, tls_certs)
