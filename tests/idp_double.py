@@ -21,6 +21,8 @@ class Reply(NamedTuple):
     headers: Optional[Dict[str, str]] = None
     delay: float = 0.0
     drop: bool = False             # close the connection without answering
+    drip: float = 0.0              # seconds between body bytes (a slow-drip server)
+    size: int = 0                  # stream this many bytes of JSON-ish filler instead of body
 
 
 def active(**claims) -> Reply:
@@ -64,6 +66,21 @@ class IdPDouble:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
+                if reply.size:
+                    self.send_response(reply.status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(reply.size))
+                    self.end_headers()
+                    chunk = b" " * 65536
+                    sent = 0
+                    try:
+                        while sent < reply.size:
+                            n = min(len(chunk), reply.size - sent)
+                            self.wfile.write(chunk[:n])
+                            sent += n
+                    except OSError:
+                        pass  # the client gave up, as it should
+                    return
                 body = reply.body
                 if isinstance(body, (dict, list)):
                     body = json.dumps(body)
@@ -76,7 +93,16 @@ class IdPDouble:
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not reply.drip:
+                    self.wfile.write(body)
+                    return
+                try:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(reply.drip)
+                except OSError:
+                    pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

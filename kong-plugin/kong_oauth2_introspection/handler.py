@@ -126,11 +126,7 @@ class Plugin:
 
     @staticmethod
     def kong_schema() -> Dict[str, Any]:
-        full = getattr(schema_module, "kong_schema", None)
-        if full is not None:
-            return full()
-        return {"name": NAME, "fields": [{"config": {"type": "record",
-                                                     "fields": schema_module.kong_fields()}}]}
+        return schema_module.load(NAME).kong_schema()
 
     def __init__(self, config: Any):
         conf_only = schema_module.from_kong(config)
@@ -183,7 +179,7 @@ class _Access:
                 return kong.service.request.set_headers(self.rt.headers.table(req.headers, {}))
             if conf.anonymous and kong.client.get_credential():
                 # Another authentication plugin already succeeded: logical OR.
-                return kong.service.request.set_headers(dict(self.rt.headers.cleared_extras))
+                return kong.service.request.set_headers(self.rt.headers.extras_table(req.headers))
             self.found = self.rt.tokens.find(req)
         except Uninspectable as why:
             kong.log.info(LOG_PREFIX + "request refused: %s" % why)

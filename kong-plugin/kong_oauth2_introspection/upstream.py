@@ -126,3 +126,13 @@ class IdentityHeaders:
             if lower not in display:
                 table[lower] = []
         return table
+
+    def extras_table(self, incoming: Iterable[str]) -> HeaderTable:
+        """The logical-OR path: clear what no other plugin sets, and any
+        X-Credential-* the client sent (except the shared Identifier)."""
+        table: HeaderTable = dict(self.cleared_extras)
+        for name in incoming:
+            if name.startswith("x-credential-") and name not in _SHARED \
+                    and name not in self.display:
+                table[name] = []
+        return table
