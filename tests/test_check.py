@@ -145,8 +145,8 @@ def test_consumer_scoped_entry_refused(capsys, tmp_path, where, yml):
     # typedefs.no_consumer: the consumer foreign key must be null (eq = null).
     code, lines, _ = run(capsys, yml, tmp_path)
     assert code == 1
-    assert lines == [f"{where}: consumer: oauth2-introspection authenticates callers: "
-                     "it cannot be scoped to a consumer"]
+    assert lines == [f"{where}: consumer: oauth2-introspection cannot be scoped to a consumer: "
+                     "it authenticates the caller, which is how Kong learns the consumer"]
 
 
 def test_protocols_limited_to_http_ones(capsys, tmp_path):

@@ -92,12 +92,14 @@ def test_bad_header_name_refused():
 def test_dump_is_what_kong_reads():
     out = subprocess.run([sys.executable, "-m", "kong_oauth2_introspection.cli", "-dump"],
                          capture_output=True, text=True, check=True).stdout
-    info, = json.loads(out)
+    info = {i["Name"]: i for i in json.loads(out)}["oauth2-introspection"]
     assert info["Name"] == "oauth2-introspection" and info["Priority"] == 1700
     assert info["Phases"] == ["access"]
     by_name = {name: spec for entry in info["Schema"]["fields"] for name, spec in entry.items()}
     fields = by_name["config"]["fields"]
     assert fields == schema.kong_fields()
+    # The whole Schema, consumer and protocols restrictions included.
+    assert info["Schema"] == schema.INTROSPECTION.kong_schema()
     assert "description" not in json.dumps(fields)  # docs stay ours, Kong never sees them
 
 
@@ -300,7 +302,8 @@ def test_plugin_entity_rules():
              protocols=["https", "tcp"], enabled="yes", colour=1))] == [
         "enabled: expected a boolean",
         "colour: unknown field",
-        "consumer: oauth2-introspection authenticates callers: it cannot be scoped to a consumer",
+        "consumer: oauth2-introspection cannot be scoped to a consumer: "
+        "it authenticates the caller, which is how Kong learns the consumer",
         "protocols.2: expected one of: grpc, grpcs, http, https",
     ]
 

@@ -123,7 +123,11 @@ class PluginSchema:
         self.fields: List[Dict[str, Spec]] = doc["fields"]
         # An authentication plugin cannot be scoped to a consumer: Kong's
         # typedefs.no_consumer (Kong Enterprise's oauth2-introspection has it).
-        self.no_consumer: bool = bool(doc.get("no_consumer"))
+        # The JSON says true, or gives the reason as a string.
+        no_consumer = doc.get("no_consumer")
+        self.no_consumer: bool = bool(no_consumer)
+        self.no_consumer_message = f"{self.name} cannot be scoped to a consumer" + (
+            f": {no_consumer}" if isinstance(no_consumer, str) else "")
         for path, spec in _walk(self.fields, "config"):
             _compile_patterns(path, spec)
 
@@ -142,7 +146,7 @@ class PluginSchema:
             # value its `eq` validator and kong/db/dao/plugins.lua compare with.
             fields.append({"consumer": {
                 "type": "foreign", "reference": "consumers", "eq": None,
-                "err": f"{self.name} authenticates callers: it cannot be scoped to a consumer",
+                "err": self.no_consumer_message,
             }})
         fields.append({"protocols": {
             "type": "set", "required": True, "default": list(HTTP_PROTOCOLS),
