@@ -770,3 +770,42 @@ def test_no_secret_or_token_in_any_log(auth, plugins, capfd, redis_disposable):
     for secret in (gw_secret, auth.secret_of("svc-admin"), "wrong-gw-secret",
                    "wrong-caller-secret", STORE_SECRET, ACL_PASSWORD, outcomes[0].bearer):
         assert secret not in text
+
+
+# -- schema and documentation ---------------------------------------------------------
+
+
+def test_readme_option_table_is_generated_from_the_schema():
+    from pathlib import Path
+
+    from kong_oauth2_introspection.client_credentials.config import SCHEMA
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "<!-- cc-options:start -->\n" + SCHEMA.markdown_table() + "<!-- cc-options:end -->" \
+        in readme
+
+
+def test_every_seed_option_has_a_field_named_after_it():
+    from kong_oauth2_introspection.client_credentials.config import SCHEMA
+    seed = {"url", "clientID", "clientSecret", "audience", "claims", "forwardHeaders",
+            "usernameClaim", "clientConfig.tls.ca", "clientConfig.tls.cert",
+            "clientConfig.tls.key", "clientConfig.tls.insecureSkipVerify",
+            "clientConfig.timeoutSeconds", "clientConfig.maxRetries", "store.keyPrefix",
+            "store.secret", "store.redis.endpoints", "store.redis.username",
+            "store.redis.password", "store.redis.database", "store.redis.cluster",
+            "store.redis.tls.caBundle", "store.redis.tls.cert", "store.redis.tls.key",
+            "store.redis.tls.insecureSkipVerify", "store.redis.sentinel.masterSet",
+            "store.redis.sentinel.username", "store.redis.sentinel.password"}
+    table = SCHEMA.markdown_table()
+    assert {name for name in seed if "`%s`" % name not in table} == set()
+
+
+def test_the_seeds_advanced_example_is_a_valid_config():
+    from kong_oauth2_introspection.client_credentials.config import SCHEMA, Config
+    example = {"url": "https://tenant.auth0.com/oauth/token", "client_id": "my-client",
+               "client_secret": "my-secret", "audience": "https://api.example.com",
+               "forward_headers": {"Group": "grp", "Expires-At": "exp"},
+               "claims": "Equals(`grp`, `admin`)"}
+    assert SCHEMA.validate(example)[1] == []
+    parsed = Config.parse(dict(example, route_id="r-1", __seq__=3))   # Kong's own keys ignored
+    assert parsed.timeout == 5 and parsed.max_retries == 3        # the seed's defaults
+    assert "my-secret" not in repr(parsed)
