@@ -6,6 +6,7 @@ import time
 import pytest
 
 from kong_oauth2_introspection.cache import Policy, TokenCache
+from kong_oauth2_introspection.concurrency import Deadline, DeadlineExceeded, deadline_scope
 from kong_oauth2_introspection.introspection import Answer, IntrospectionError
 
 
@@ -27,8 +28,8 @@ class Cache:
         self.cache = TokenCache(key_material=key_material, maxsize=maxsize,
                                 clock=clock or time.time)
 
-    def get(self, key, fetch, policy=None):
-        return self.cache.get(key, fetch, policy or self.policy)
+    def get(self, key, fetch, policy=None, **kw):
+        return self.cache.get(key, fetch, policy or self.policy, **kw)
 
     def __getattr__(self, name):
         return getattr(self.cache, name)
@@ -202,3 +203,137 @@ def test_configs_sharing_a_cache_each_apply_their_own_ttl():
     assert fetch.calls == 1                # still fresh for that config
     short.get("k", fetch)                  # but not for the ttl-5 config
     assert fetch.calls == 2
+
+
+# -- peek, the request deadline, and what same-process waiters do -----------------------
+
+def test_peek_returns_only_fresh_entries_and_never_fetches():
+    clock = Clock()
+    cache = make(clock, ttl=10)
+    assert cache.peek("k", cache.policy) is None
+    cache.get("k", Fetcher(Answer({"active": True}, True)))
+    assert cache.peek("k", cache.policy).active
+    clock.now += 11
+    assert cache.peek("k", cache.policy) is None
+
+
+def slow_leader(cache, answer, hold):
+    """Start a leader whose IdP call takes ``hold`` seconds; returns its thread."""
+    started = threading.Event()
+
+    def fetch():
+        started.set()
+        time.sleep(hold)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+    t = threading.Thread(target=lambda: _swallow(lambda: cache.get("k", fetch)))
+    t.start()
+    started.wait(2)
+    return t
+
+
+def _swallow(fn):
+    try:
+        fn()
+    except Exception:
+        pass
+
+
+def test_waiter_gives_up_at_its_deadline():
+    cache = make()
+    leader = slow_leader(cache, Answer({"active": True}, True), 1.0)
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        cache.get("k", Fetcher(Answer({"active": True}, True)), deadline=Deadline(0.2))
+    assert 0.15 < time.monotonic() - start < 0.5
+    leader.join()
+
+
+def test_waiter_past_its_wait_bound_asks_itself_instead_of_failing():
+    cache = make(wait=0.2)
+    leader = slow_leader(cache, Answer({"active": True}, True), 1.0)
+    own = Fetcher(Answer({"active": True, "who": "waiter"}, True))
+    start = time.monotonic()
+    entry = cache.get("k", own)
+    assert entry.claims["who"] == "waiter" and own.calls == 1
+    assert time.monotonic() - start < 0.6
+    leader.join()
+
+
+def test_no_store_answer_is_not_shared_with_waiters():
+    cache = make()
+    leader = slow_leader(cache, Answer({"active": True, "who": "leader"}, False), 0.3)
+    own = Fetcher(Answer({"active": True, "who": "waiter"}, False))
+    assert cache.get("k", own).claims["who"] == "waiter" and own.calls == 1
+    leader.join()
+
+
+def test_leaders_failure_waiters_apply_their_own_stale_if_error():
+    clock = Clock()
+    tolerant = Policy(ttl=1, negative_ttl=5, stale_if_error=60, wait=2)
+    strict = Policy(ttl=1, negative_ttl=5, stale_if_error=0, wait=2)
+    cache = make(clock)
+    cache.get("k", Fetcher(Answer({"active": True}, True)), tolerant)
+    clock.now += 5        # stale for both
+    gate = threading.Event()
+
+    def failing():
+        gate.wait(2)
+        raise IntrospectionError("down")
+    results = {}
+
+    def run(name, policy, fetch):
+        try:
+            results[name] = cache.get("k", fetch, policy).active
+        except IntrospectionError:
+            results[name] = "error"
+    leader = threading.Thread(target=run, args=("leader", strict, failing))
+    leader.start()
+    time.sleep(0.1)
+    waiters = [threading.Thread(target=run, args=(n, p, Fetcher(Answer({"active": True}, True))))
+               for n, p in (("tolerant", tolerant), ("strict", strict))]
+    for t in waiters:
+        t.start()
+    time.sleep(0.1)
+    gate.set()
+    for t in [leader] + waiters:
+        t.join()
+    assert results == {"leader": "error", "tolerant": True, "strict": "error"}
+
+
+def test_deadline_scope_of_the_caller_is_used():
+    cache = make()
+    leader = slow_leader(cache, Answer({"active": True}, True), 1.0)
+    with deadline_scope(Deadline(0.2)):
+        with pytest.raises(DeadlineExceeded):
+            cache.get("k", Fetcher(Answer({"active": True}, True)))
+    leader.join()
+
+
+def test_herd_of_distinct_tokens_asks_once_per_token():
+    cache = make()
+    calls = []
+    lock = threading.Lock()
+
+    def fetch_for(token):
+        def fetch():
+            with lock:
+                calls.append(token)
+            time.sleep(0.2)
+            return Answer({"active": True, "t": token}, True)
+        return fetch
+    barrier = threading.Barrier(60)
+    results = []
+
+    def one(i):
+        token = f"t{i % 12}"
+        barrier.wait()
+        results.append(cache.get(token, fetch_for(token)).claims["t"] == token)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(60)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results) and len(results) == 60
+    assert sorted(calls) == sorted(f"t{i}" for i in range(12))

@@ -624,3 +624,91 @@ def test_odd_arguments_never_raise(redis_standalone):
         assert SECRET not in log.text()
     finally:
         store.close()
+
+
+# -- the wait protocol's pieces, and the request deadline -----------------------------
+
+def test_try_lease_says_how_long_the_holder_may_keep_it(redis_standalone):
+    store, _ = make(conf([redis_standalone.address], password=PASSWORD))
+    other, _ = make(conf([redis_standalone.address], password=PASSWORD))
+    try:
+        key = unique("lease")
+        assert store.try_lease(key, 2000) == 0.0
+        held = other.try_lease(key, 2000)
+        assert 1.5 < held <= 2.0
+        store.release(key)
+        assert other.try_lease(key, 2000) == 0.0
+    finally:
+        store.close()
+        other.close()
+
+
+def test_redis_calls_spend_from_the_request_deadline(redis_disposable):
+    from kong_oauth2_introspection.concurrency import Deadline, DeadlineExceeded, deadline_scope
+    server = redis_disposable
+    store, log = make(conf([server.address], password=PASSWORD, timeout_ms=1000))
+    try:
+        store.set("k", b"v", 60)
+        sleeper = threading.Thread(
+            target=lambda: server.client().execute_command("DEBUG", "SLEEP", "1.5"))
+        sleeper.start()
+        time.sleep(0.1)
+        start = time.monotonic()
+        with deadline_scope(Deadline(0.5)):
+            # Less time left than the 1 s socket timeout: the call is not started.
+            assert store.get("k") is None
+            assert store.try_lease("k", 1000) == 0.0      # nobody to wait for
+        assert time.monotonic() - start < 0.05
+        with deadline_scope(Deadline(0.0)):
+            with pytest.raises(DeadlineExceeded):
+                store.get("k")
+        sleeper.join()
+        with deadline_scope(Deadline(5)):
+            assert store.get("k") == b"v"
+        assert log.problems() == []                       # skipping is not a failure
+    finally:
+        store.close()
+
+
+def test_channel_delivers_messages_and_reports_a_lost_subscription(redis_disposable):
+    server = redis_disposable
+    store, _ = make(conf([server.address], password=PASSWORD, key_prefix="ch:"))
+    other, _ = make(conf([server.address], password=PASSWORD, key_prefix="ch:"))
+    elsewhere, _ = make(conf([server.address], password=PASSWORD, key_prefix="xx:"))
+    got, foreign = [], []
+    try:
+        store.add_listener(got.append)
+        elsewhere.add_listener(foreign.append)
+        wait_until(lambda: store.subscribed and elsewhere.subscribed, 5, "subscribed")
+        assert got == [None]                    # (re)subscribed: anything before was missed
+        assert other.publish({"v": 1, "op": "test", "n": 1})
+        wait_until(lambda: len(got) == 2, 2, "message")
+        assert got[1] == {"v": 1, "op": "test", "n": 1}
+        assert foreign == [None]                # another prefix, another channel
+        server.stop()
+        wait_until(lambda: not store.subscribed, 5, "subscription lost")
+        assert got[-1] is None
+        server.restart()
+        wait_until(lambda: store.subscribed, 10, "subscribed again")
+    finally:
+        store.close()
+        other.close()
+        elsewhere.close()
+
+
+def test_index_names_hold_no_claim_and_depend_on_the_secret(redis_standalone):
+    a, _ = make(conf([redis_standalone.address], password=PASSWORD, secret=SECRET,
+                     key_prefix="ix:"))
+    b, _ = make(conf([redis_standalone.address], password=PASSWORD,
+                     secret="another-secret-of-32-bytes-xxxxx", key_prefix="ix:"))
+    try:
+        assert a.tag("sub", "alice") != b.tag("sub", "alice") != b.tag("client_id", "alice")
+        a.index("k1", [("sub", "alice")], 60)
+        names = redis_standalone.client().keys("ix:*")
+        assert names and all(b"alice" not in n for n in names)
+        tag, keys = a.purge_tag("sub", "alice")
+        assert tag == a.tag("sub", "alice") and keys == ["k1"]
+        assert redis_standalone.client().keys("ix:*") == []
+    finally:
+        a.close()
+        b.close()

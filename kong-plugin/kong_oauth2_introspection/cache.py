@@ -302,12 +302,20 @@ class TokenCache:
             return entry, outcome != NOSTORE
         finally:
             if leased:
-                store.release(key)
-                message: Dict[str, Any] = {"v": 1, "op": "done", "from": self._id,
-                                           "key": key, "outcome": outcome}
-                if blob is not None:
-                    message["value"] = base64.b64encode(blob).decode()
-                store.publish(message)
+                # Clean-up, not waiting: followers depend on it even past our deadline.
+                with deadline_scope(None):
+                    self._announce(key, outcome, blob)
+
+    def _announce(self, key: str, outcome: str, blob: Optional[bytes]) -> None:
+        """Release the lease, then tell every process how the fetch ended (in this
+        order: a follower that registers after the message finds the lease free)."""
+        store = self.store
+        store.release(key)
+        message: Dict[str, Any] = {"v": 1, "op": "done", "from": self._id,
+                                   "key": key, "outcome": outcome}
+        if blob is not None:
+            message["value"] = base64.b64encode(blob).decode()
+        store.publish(message)
 
     @staticmethod
     def _ask(fetch, breaker) -> Answer:
