@@ -185,6 +185,24 @@ def test_deeper_checks_of_the_plugin_reported(capsys, tmp_path):
     assert lines[2].startswith("services[0].plugins[2]: config.custom_introspection_headers: ")
 
 
+def test_second_plugin_checked_too(capsys, tmp_path):
+    pytest.importorskip("kong_oauth2_introspection.client_credentials.config")
+    code, lines, err = run(capsys, """\
+        plugins:
+          - name: oauth2-client-credentials
+            config: {url: "https://idp/token", audience: "https://api", client_id: abc}
+          - name: oauth2-client-credentials
+            config: {url: "https://idp/token", audience: ""}
+          - name: oauth2-introspection
+            config: {introspection_url: "https://idp/x", authorization_value: Basic abc}
+        """, tmp_path)
+    assert code == 1
+    assert lines == [
+        "plugins[0]: config.client_id, config.client_secret: set both or neither",
+        "plugins[1]: config.audience: length must be at least 1"]
+    assert "2 problems in 3 entries of oauth2-client-credentials, oauth2-introspection" in err
+
+
 def test_file_without_entry_of_ours_fails(capsys, tmp_path):
     code, lines, err = run(capsys, """\
         _format_version: "3.0"
@@ -192,7 +210,7 @@ def test_file_without_entry_of_ours_fails(capsys, tmp_path):
           - name: key-auth
         """, tmp_path)
     assert code == 1 and lines == []
-    assert "no oauth2-introspection entry" in err
+    assert "no oauth2-client-credentials or oauth2-introspection entry" in err
 
 
 @pytest.mark.parametrize("text", ["", "\n# only a comment\n", "---\n"])

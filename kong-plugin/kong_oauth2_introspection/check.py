@@ -49,10 +49,24 @@ def _introspection() -> Tuple[PluginSchema, DeepCheck]:
     return load(NAME), deep
 
 
+def _client_credentials() -> Tuple[PluginSchema, DeepCheck]:
+    from .client_credentials.config import SCHEMA, Config
+
+    def deep(config: Dict[str, Any]) -> List[Violation]:
+        try:
+            Config.parse(config)
+        except ValueError as err:  # its ConfigError reads "PATH: MESSAGE"
+            path, _, message = str(err).partition(": ")
+            return [Violation(path, message) if message else Violation("config", str(err))]
+        return []
+    return SCHEMA, deep
+
+
 # Plugin name -> what checks its entries. Loaded on first use, so a plugin's
 # modules are imported only when a file holds one of its entries.
 PLUGINS: Dict[str, Callable[[], Tuple[PluginSchema, DeepCheck]]] = {
     NAME: _introspection,
+    "oauth2-client-credentials": _client_credentials,
 }
 
 # Where a declarative config nests entities that may carry plugins, and the
@@ -156,7 +170,8 @@ def main(argv: Sequence[str]) -> int:
     found = problems(doc)
     for line in found:
         print(line)
-    count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} of {wanted}"
+    names = ", ".join(sorted({entry["name"] for _, entry in entries}))
+    count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} of {names}"
     if found:
         print(f"{name}: {len(found)} problem{'' if len(found) == 1 else 's'} in {count}",
               file=sys.stderr)
