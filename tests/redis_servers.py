@@ -642,3 +642,82 @@ def _cache_node_main(spec_json: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["cache-node"]:
         _cache_node_main(sys.argv[2])
+
+
+def bench_redis_hit(n: int = 2000, redis_address: Optional[str] = None) -> Dict[str, float]:
+    """µs per hit, same run: an in-process hit, a "Redis hit" (an answer another
+    process fetched, which reached this one through the store's announcement), and
+    a cold read from Redis (GET, AES-GCM open, JSON decode) for comparison.
+
+    ``peek`` is the event-loop path (no I/O); ``get`` the full path. Starts its own
+    redis-server unless ``redis_address`` ("host:port", no password) is given.
+    """
+    import tempfile
+    from kong_oauth2_introspection.cache import Policy, TokenCache
+    from kong_oauth2_introspection.introspection import Answer
+    from kong_oauth2_introspection.store import RedisStore
+
+    server = None
+    if redis_address is None:
+        server = start_standalone(tempfile.mkdtemp(prefix="bench-redis-hit-"), password=None)
+        redis_address = server.address
+    store_conf = {"key_prefix": "bench:", "secret": "0123456789abcdef0123456789abcdef",
+                  "redis": {"endpoints": [redis_address]}}
+    policy = Policy(ttl=300, negative_ttl=5, stale_if_error=0, wait=10)
+    caches = []
+    try:
+        def cache(listen=True):
+            store = RedisStore.from_config(store_conf, None)
+            c = TokenCache(key_material=b"bench-idp", store=store if listen else None)
+            if not listen:
+                c.store = store           # reads Redis, hears nothing: every read is cold
+            caches.append(store)
+            return c
+        writer, reader, cold = cache(), cache(), cache(listen=False)
+        for c in (writer, reader):
+            deadline = time.monotonic() + 10
+            while not c.store.subscribed and time.monotonic() < deadline:
+                time.sleep(0.01)
+        keys = [writer.key(f"token-{i}") for i in range(n)]
+        claims = {"active": True, "sub": "user", "client_id": "app", "scope": "read write",
+                  "exp": int(time.time()) + 3600}
+        for k in keys:
+            writer.get(k, lambda: Answer(dict(claims), True), policy)
+        deadline = time.monotonic() + 10
+        while reader.peek(keys[-1], policy) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+        def per_hit(fn) -> float:
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                for k in keys:
+                    fn(k)
+                best = min(best, (time.perf_counter() - start) / n * 1e6)
+            return best
+
+        def never(_k=None):
+            raise AssertionError("a hit asked the IdP")
+        result = {
+            "in_process_get_us": per_hit(lambda k: writer.get(k, never, policy)),
+            "redis_get_us": per_hit(lambda k: reader.get(k, never, policy)),
+            "in_process_peek_us": per_hit(lambda k: writer.peek(k, policy)),
+            "redis_peek_us": per_hit(lambda k: reader.peek(k, policy)),
+        }
+
+        def cold_read(k):
+            cold._local.clear()
+            cold.get(k, never, policy)
+        result["cold_redis_read_us"] = per_hit(cold_read)
+        result["ratio_get"] = result["redis_get_us"] / result["in_process_get_us"]
+        result["ratio_peek"] = result["redis_peek_us"] / result["in_process_peek_us"]
+        return result
+    finally:
+        for store in caches:
+            store.close()
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["bench-redis-hit"]:
+    print(json.dumps(bench_redis_hit(), indent=2))
