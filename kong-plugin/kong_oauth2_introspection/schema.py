@@ -56,7 +56,9 @@ def _lua_len(value: Any) -> int:
 
 
 def _num(value: Any) -> str:
-    """A number as Lua's tostring/%d would print it."""
+    """A value as Lua's tostring (or %d, for whole numbers) would print it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
@@ -73,9 +75,9 @@ def _check_validators(spec: Spec, value: Any) -> Optional[str]:
         return "(hidden)" if spec.get("referenceable") else str(value)
 
     if "eq" in spec and spec["eq"] is not None and value != spec["eq"]:
-        return f"value must be {spec['eq']}"
+        return f"value must be {_num(spec['eq'])}"
     if "ne" in spec and value == spec["ne"]:
-        return f"value must not be {value}"
+        return f"value must not be {_num(value)}"
     if "not_one_of" in spec and value in spec["not_one_of"]:
         return "must not be one of: " + ", ".join(map(_num, spec["not_one_of"]))
     if "one_of" in spec and value not in spec["one_of"]:
@@ -93,7 +95,7 @@ def _check_validators(spec: Spec, value: Any) -> Optional[str]:
             return text.format(spec[rule])
     if not isinstance(value, str):
         if "contains" in spec and spec["contains"] not in value:
-            return f"expected to contain: {spec['contains']}"
+            return f"expected to contain: {_num(spec['contains'])}"
         return None
     if "starts_with" in spec and not value.startswith(spec["starts_with"]):
         return f"should start with: {spec['starts_with']}"
@@ -235,8 +237,8 @@ class PluginSchema:
 # keys are names or ids in a declarative file: any value is left to Kong.
 _ANY: Spec = {"type": "any"}
 _PLUGIN_ENTITY: Dict[str, Spec] = {
-    "id": {"type": "string", "match": "^%x+%-%x+%-%x+%-%x+%-%x+$",
-           "err": "expected a valid UUID"},
+    "id": {"type": "string", "err": "expected a valid UUID",
+           "match": "^" + "%-".join("%x" * n for n in (8, 4, 4, 4, 12)) + "$"},
     "name": {"type": "string", "required": True},
     "instance_name": {"type": "string"},
     "created_at": {"type": "integer"},
