@@ -55,7 +55,10 @@ def test_values_in_redis_are_encrypted_and_hold_no_token(two_nodes, redis_dispos
         inst = a.configure(config(idp, store=store(redis_disposable)))
         assert a.request(inst, "GET", "/", headers=bearer(token)).status == 200
     raw = redis_disposable.client()
-    keys = [k for k in raw.keys("t:*") if not k.endswith(b":lease")]
+    names = raw.keys("t:*")
+    for name in names:   # entries, and the sub/client_id index: HMACs, no claim
+        assert b"alice-claim" not in name and b"shared-app" not in name
+    keys = [k for k in names if not k.endswith(b":lease") and raw.type(k) == b"string"]
     assert keys, "nothing was written to Redis"
     for key in keys:
         value = raw.get(key)
