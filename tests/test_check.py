@@ -36,7 +36,7 @@ def run(capsys, text, tmp_path):
 def test_repository_kong_yml_is_valid(capsys):
     assert check.main([str(ROOT / "kong.yml")]) == 0
     out = capsys.readouterr().out
-    assert "all valid" in out and "2 entries" in out
+    assert "2 oauth2-introspection entries, all valid" in out
 
 
 def test_every_problem_of_every_entry_with_its_location(capsys, tmp_path):
@@ -73,17 +73,17 @@ def test_every_problem_of_every_entry_with_its_location(capsys, tmp_path):
     assert code == 1
     # Locations count from 0 (jq); Kong's paths count array elements from 1.
     assert lines == [
-        "plugins[1]: config.introspection_url: invalid value: ftp://idp/x",
-        "plugins[1]: config.ttl: expected a number",
+        "plugins[1].config.introspection_url: invalid value: ftp://idp/x",
+        "plugins[1].config.ttl: expected a number",
         # validate_field: empty strings are refused unless len_min says otherwise;
         # authorization_value is referenceable, so its value is never echoed.
-        "plugins[1]: config.authorization_value: length must be at least 1",
-        "services[0].routes[0].plugins[0]: config.consumer_by: "
+        "plugins[1].config.authorization_value: length must be at least 1",
+        "services[0].routes[0].plugins[0].config.consumer_by: "
         "expected one of: username, client_id",
-        "services[0].routes[0].plugins[0]: config.store.redis.endpoints.2: invalid value: redis",
-        "routes[0].plugins[0]: config.introspection_url: required field missing",
+        "services[0].routes[0].plugins[0].config.store.redis.endpoints.2: invalid value: redis",
+        "routes[0].plugins[0].config.introspection_url: required field missing",
     ]
-    assert "6 problems in 3 entries" in err
+    assert "6 problems in 3 oauth2-introspection entries" in err
 
 
 def test_vault_references_accepted_where_kong_accepts_them(capsys, tmp_path):
@@ -101,7 +101,7 @@ def test_vault_references_accepted_where_kong_accepts_them(capsys, tmp_path):
                   endpoints: ["redis:6379"]
                   password: "{vault://env/redis-password}"
         """, tmp_path)
-    assert (code, lines) == (0, ["%s: 1 entry of oauth2-introspection, all valid"
+    assert (code, lines) == (0, ["%s: 1 oauth2-introspection entry, all valid"
                                  % (tmp_path / "kong.yml")])
 
 
@@ -114,7 +114,7 @@ def test_vault_reference_refused_in_a_field_that_is_not_referenceable(capsys, tm
               authorization_value: Basic abc
         """, tmp_path)
     assert code == 1
-    assert lines == ["plugins[0]: config.introspection_url: invalid value: {vault://env/url}"]
+    assert lines == ["plugins[0].config.introspection_url: invalid value: {vault://env/url}"]
 
 
 def test_secrets_never_printed(capsys, tmp_path):
@@ -127,8 +127,8 @@ def test_secrets_never_printed(capsys, tmp_path):
               store: {secret: "0123456789-topsecret"}
         """, tmp_path)
     assert code == 1
-    assert lines == ["plugins[0]: config.authorization_value: expected a string",
-                     "plugins[0]: config.store.secret: must be 16, 24 or 32 bytes long"]
+    assert lines == ["plugins[0].config.authorization_value: expected a string",
+                     "plugins[0].config.store.secret: must be 16, 24 or 32 bytes long"]
     assert "424242" not in "".join(lines) + err and "topsecret" not in "".join(lines) + err
 
 
@@ -145,7 +145,7 @@ def test_consumer_scoped_entry_refused(capsys, tmp_path, where, yml):
     # typedefs.no_consumer: the consumer foreign key must be null (eq = null).
     code, lines, _ = run(capsys, yml, tmp_path)
     assert code == 1
-    assert lines == [f"{where}: consumer: oauth2-introspection cannot be scoped to a consumer: "
+    assert lines == [f"{where}.consumer: oauth2-introspection cannot be scoped to a consumer: "
                      "it authenticates the caller, which is how Kong learns the consumer"]
 
 
@@ -153,7 +153,7 @@ def test_protocols_limited_to_http_ones(capsys, tmp_path):
     # typedefs.protocols_http: grpc, grpcs, http, https.
     code, lines, _ = run(capsys, "plugins:\n" + GOOD + "    protocols: [https, tcp]\n", tmp_path)
     assert code == 1
-    assert lines == ["plugins[0]: protocols.2: expected one of: grpc, grpcs, http, https"]
+    assert lines == ["plugins[0].protocols.2: expected one of: grpc, grpcs, http, https"]
 
 
 def test_deeper_checks_of_the_plugin_reported(capsys, tmp_path):
@@ -179,10 +179,10 @@ def test_deeper_checks_of_the_plugin_reported(capsys, tmp_path):
                   custom_introspection_headers: {x_path: "{{nope}}"}
         """, tmp_path)
     assert code == 1 and len(lines) == 3
-    assert lines[0].startswith("services[0].plugins[0]: config.claims: ") and "col" in lines[0]
-    assert lines[1] == ("services[0].plugins[1]: config.forward_headers: key 'Bad Header': "
+    assert lines[0].startswith("services[0].plugins[0].config.claims: ") and "col" in lines[0]
+    assert lines[1] == ("services[0].plugins[1].config.forward_headers: key 'Bad Header': "
                         "must be a header name: letters, digits and !#$%&'*+-.^_`|~ only")
-    assert lines[2].startswith("services[0].plugins[2]: config.custom_introspection_headers: ")
+    assert lines[2].startswith("services[0].plugins[2].config.custom_introspection_headers: ")
 
 
 def test_second_plugin_checked_too(capsys, tmp_path):
@@ -198,9 +198,9 @@ def test_second_plugin_checked_too(capsys, tmp_path):
         """, tmp_path)
     assert code == 1
     assert lines == [
-        "plugins[0]: config.client_id, config.client_secret: set both or neither",
-        "plugins[1]: config.audience: length must be at least 1"]
-    assert "2 problems in 3 entries of oauth2-client-credentials, oauth2-introspection" in err
+        "plugins[0].config.client_id, config.client_secret: set both or neither",
+        "plugins[1].config.audience: length must be at least 1"]
+    assert "2 problems in 3 oauth2-client-credentials, oauth2-introspection entries" in err
 
 
 def test_file_without_entry_of_ours_fails(capsys, tmp_path):
@@ -245,7 +245,7 @@ def test_json_declarative_config_accepted(capsys, tmp_path):
                     '{"introspection_url": "https://idp/x", "authorization_value": ""}}]}')
     assert check.main([str(path)]) == 1
     assert capsys.readouterr().out.splitlines() == [
-        "plugins[0]: config.authorization_value: length must be at least 1"]
+        "plugins[0].config.authorization_value: length must be at least 1"]
 
 
 def test_help_and_usage(capsys):
@@ -271,7 +271,7 @@ def test_installed_command_exit_codes(tmp_path):
     bad.write_text("plugins:\n" + GOOD.replace("Basic a29uZzpzZWNyZXQ=", '""'))
     failed = _command(str(bad))
     assert failed.returncode == 1
-    assert failed.stdout == "plugins[0]: config.authorization_value: length must be at least 1\n"
+    assert failed.stdout == "plugins[0].config.authorization_value: length must be at least 1\n"
 
     missing = _command(str(tmp_path / "nope.yml"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
@@ -280,6 +280,6 @@ def test_installed_command_exit_codes(tmp_path):
 
 def test_installed_command_reads_standard_input():
     result = _command("-", stdin="plugins:\n" + GOOD)
-    assert result.returncode == 0 and "1 entry of oauth2-introspection, all valid" in result.stdout
+    assert result.returncode == 0 and "1 oauth2-introspection entry, all valid" in result.stdout
     empty = _command("-", stdin="")
     assert empty.returncode == 1 and "all valid" not in empty.stdout

@@ -12,9 +12,10 @@ services), consumers and consumer_groups. Each entry goes through
    expression, header templates, header names), which Kong cannot see and which
    would otherwise fail every request of that config with a 500.
 
-One line per problem goes to stdout: ``LOCATION: PATH: MESSAGE``, where LOCATION
+One line per problem goes to stdout: ``LOCATION.PATH: MESSAGE``, where LOCATION
 is the entry in the file, counted from 0 as jq and yq count
-(``services[0].routes[1].plugins[0]``) and PATH is Kong's (arrays from 1).
+(``services[0].routes[1].plugins[0]``) and PATH is Kong's, array elements
+counted from 1 as Kong prints them (``config.store.redis.endpoints.2``).
 Secrets (``referenceable`` fields) are never echoed.
 
 Exit codes:
@@ -113,7 +114,7 @@ def entry_problems(entry: Dict[str, Any]) -> List[Violation]:
 
 def problems(doc: Any) -> List[str]:
     """One line per problem of every entry of ours in a parsed declarative config."""
-    return [f"{where}: {violation}"
+    return [f"{where}.{violation}"
             for where, entry in plugin_entries(doc)
             for violation in entry_problems(entry)]
 
@@ -171,7 +172,7 @@ def main(argv: Sequence[str]) -> int:
     for line in found:
         print(line)
     names = ", ".join(sorted({entry["name"] for _, entry in entries}))
-    count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} of {names}"
+    count = f"{len(entries)} {names} entr{'y' if len(entries) == 1 else 'ies'}"
     if found:
         print(f"{name}: {len(found)} problem{'' if len(found) == 1 else 's'} in {count}",
               file=sys.stderr)
