@@ -23,7 +23,7 @@ from authserver_fixture import DEFAULT_CLIENTS, AuthServer, basic_authorization,
 from certs import make_ca_and_certs
 from idp_double import IdPDouble, Reply
 from kong_oauth2_introspection.client_credentials import NAME, PRIORITY, VERSION
-from kong_oauth2_introspection.client_credentials.handler import Plugin
+from kong_oauth2_introspection.client_credentials.handler import RUNTIMES, Plugin
 from kong_oauth2_introspection.client_credentials.verify import REFRESH_INTERVAL
 from kong_oauth2_introspection.concurrency import Deadline, deadline_scope
 from redis_servers import (ACL_PASSWORD, ACL_USER, MASTER_SET, PASSWORD,  # noqa: F401
@@ -143,6 +143,22 @@ def store(server, **extra) -> Dict[str, Any]:
     return dict({"key_prefix": "cc:", "secret": STORE_SECRET,
                  "redis": {"endpoints": [server.address], "username": ACL_USER,
                            "password": ACL_PASSWORD, "timeout_ms": 300}}, **extra)
+
+
+@pytest.fixture(autouse=True)
+def fresh_runtimes():
+    """Equal configs share a runtime (and its cache) in a process: not across tests."""
+    yield
+    RUNTIMES.close()
+
+
+def node(config, n):
+    """The config as node ``n`` of a cluster has it: in one process, equal configs
+    share their runtime, so each "node" differs in a setting that changes nothing
+    the cache depends on."""
+    config = json.loads(json.dumps(config))
+    config["store"]["redis"]["timeout_ms"] = 300 + n
+    return config
 
 
 @pytest.fixture
@@ -679,7 +695,7 @@ def test_unknown_kid_fetches_the_jwks_again(keys, plugins):
 
 def test_two_nodes_share_one_token_through_redis(auth, plugins, redis_disposable):
     config = conf(auth, store=store(redis_disposable))
-    a, b = plugins(config), plugins(config)
+    a, b = plugins(node(config, 1)), plugins(node(config, 2))
     ra = run(a, basic(auth, "svc-admin"))
     rb = run(b, basic(auth, "svc-admin"))
     assert ra.status == rb.status == 200 and ra.bearer == rb.bearer
@@ -695,7 +711,7 @@ def test_two_nodes_share_one_token_through_redis(auth, plugins, redis_disposable
 
 def test_concurrent_requests_on_two_nodes_ask_for_one_token(auth, plugins, redis_disposable):
     config = conf(auth, store=store(redis_disposable))
-    nodes = [plugins(config), plugins(config)]
+    nodes = [plugins(node(config, 1)), plugins(node(config, 2))]
     barrier = threading.Barrier(20)
     results: List[Outcome] = []
 
@@ -734,13 +750,13 @@ def test_redis_down_costs_nothing_but_sharing(auth, plugins, redis_disposable):
 
 def _shared(auth, plugins, store_conf, who):
     config = conf(auth, store=store_conf)
-    a, b = plugins(config), plugins(config)
+    a, b = plugins(node(config, 1)), plugins(node(config, 2))
     return run(a, basic(auth, who)).bearer == run(b, basic(auth, who)).bearer
 
 
 def test_store_redis_sentinel(auth, plugins, redis_sentinel):
     assert _shared(auth, plugins, {"secret": STORE_SECRET, "redis": {
-        "endpoints": redis_sentinel.endpoints, "password": PASSWORD, "timeout_ms": 300,
+        "endpoints": redis_sentinel.endpoints, "password": PASSWORD,
         "sentinel": {"master_set": MASTER_SET, "password": SENTINEL_PASSWORD}}}, "svc-admin")
 
 

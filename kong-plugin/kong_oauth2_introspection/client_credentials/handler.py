@@ -13,7 +13,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-import sys
+import json
 import uuid
 from typing import Any, Dict, List, Optional, Union
 
@@ -22,12 +22,14 @@ from kong_pdk.exception import PDKException
 from .. import responses
 from ..claims import MISSING, resolve
 from ..concurrency import Deadline, DeadlineExceeded, blocking, current_deadline, deadline_scope
+from ..log import LOG
 from ..responses import Refusal
+from ..server.registry import Registry
 from ..store import RedisStore
 from ..upstream import header_value
 from . import NAME, PRIORITY, VERSION
 from .authserver import AuthServer, ClientRejected, Credentials, ServerError
-from .config import Config, ConfigError
+from .config import SCHEMA, Config, ConfigError
 from .tokencache import Token, TokenCache, refresh_at
 from .verify import TokenInvalid, Verifier
 
@@ -52,25 +54,6 @@ TOO_MANY_HEADERS = Refusal(400, {"error": "invalid_request",
                                  "error_description": "Too many request headers"}, {})
 
 HeaderTable = Dict[str, Union[str, List[str]]]
-
-
-class StderrLog:
-    """Lines outside any request; Kong copies the server's stderr to its error log."""
-
-    def _write(self, level: str, msg: str) -> None:
-        try:
-            print("[%s] %s: %s" % (NAME, level, msg), file=sys.stderr, flush=True)
-        except (OSError, ValueError):
-            pass
-
-    def info(self, msg: str) -> None:
-        self._write("info", msg)
-
-    def warn(self, msg: str) -> None:
-        self._write("warn", msg)
-
-    def err(self, msg: str) -> None:
-        self._write("error", msg)
 
 
 class Runtime:
@@ -126,31 +109,56 @@ class Runtime:
         self.server.close()
 
 
+class _Unusable:
+    """A config the plugin cannot use: every request under it gets 500, logged."""
+
+    def __init__(self, error: ConfigError):
+        self.error = error
+
+    def close(self) -> None:
+        pass
+
+
+def _build(conf_only: Dict[str, Any]) -> Union[Runtime, _Unusable]:
+    try:
+        return Runtime(Config.parse(conf_only), LOG)
+    except ConfigError as err:
+        unusable = _Unusable(err)
+    except Exception as err:   # noqa: BLE001 - e.g. an unreadable PEM; its text may hold secrets
+        unusable = _Unusable(ConfigError("config: cannot be used (%s)" % type(err).__name__))
+    LOG.err(LOG_PREFIX + "unusable config, every request under it gets 500: %s"
+            % unusable.error)
+    return unusable
+
+
+# Kong starts one instance per config and nginx worker: equal configs share one
+# runtime (HTTP pool, key set, token cache), closed when the last one goes.
+RUNTIMES: "Registry[Union[Runtime, _Unusable]]" = Registry(idle=16)
+
+
 class Plugin:
     NAME = NAME
     VERSION = VERSION
     PRIORITY = PRIORITY
+    PHASES = ("access",)
 
-    def __init__(self, config: Dict[str, Any]):
-        self._log = StderrLog()
-        self._runtime: Union[Runtime, ConfigError]
-        try:
-            self._runtime = Runtime(Config.parse(config), self._log)
-        except ConfigError as err:
-            self._runtime = err
-        except Exception as err:   # noqa: BLE001 - e.g. an unreadable PEM; its text may hold secrets
-            self._runtime = ConfigError("config: cannot be used (%s)" % type(err).__name__)
-        if isinstance(self._runtime, ConfigError):
-            self._log.err("unusable config, every request under it gets 500: %s"
-                          % self._runtime)
+    @staticmethod
+    def kong_schema() -> Dict[str, Any]:
+        return SCHEMA.kong_schema()
+
+    def __init__(self, config: Any):
+        conf_only = SCHEMA.from_kong(config)   # Kong's own keys (route_id, __seq__) aside
+        self._key: Optional[str] = hashlib.sha256(
+            json.dumps(conf_only, sort_keys=True, default=str).encode()).hexdigest()
+        self._runtime = RUNTIMES.acquire(self._key, lambda: _build(conf_only))
 
     def access(self, kong: Any) -> None:
         # An exception reaching the server leaves Kong's call unanswered, and Kong
         # then lets the request through: every failure must end in a response.
         try:
             runtime = self._runtime
-            if isinstance(runtime, ConfigError):
-                kong.log.err(LOG_PREFIX + "unusable config: %s" % runtime)
+            if isinstance(runtime, _Unusable):
+                kong.log.err(LOG_PREFIX + "unusable config: %s" % runtime.error)
                 return _exit(kong, responses.SERVER_ERROR)
             _access(runtime, kong)
         except Exception as err:   # noqa: BLE001 - the last line of defence
@@ -161,9 +169,9 @@ class Plugin:
                 pass
 
     def close(self) -> None:
-        runtime, self._runtime = self._runtime, ConfigError("config: closed")
-        if isinstance(runtime, Runtime):
-            runtime.close()
+        key, self._key = self._key, None
+        if key is not None:
+            RUNTIMES.release(key)
 
 
 def _exit(kong: Any, refusal: Refusal) -> None:
