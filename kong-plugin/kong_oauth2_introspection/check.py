@@ -86,7 +86,8 @@ def plugin_entries(doc: Any, path: str = "",
         return
     plugins = doc.get("plugins")
     for index, plugin in enumerate(plugins if isinstance(plugins, list) else []):
-        if isinstance(plugin, dict) and plugin.get("name") in PLUGINS:
+        if isinstance(plugin, dict) and isinstance(plugin.get("name"), str) \
+                and plugin["name"] in PLUGINS:
             entry = dict(plugin)
             for key, value in (scope or {}).items():
                 entry.setdefault(key, value)
@@ -109,7 +110,10 @@ def entry_problems(entry: Dict[str, Any]) -> List[Violation]:
     if violations:
         return violations  # the deeper checks need a config Kong would accept
     config = entry.get("config")
-    return deep({} if config is None else config)
+    try:
+        return deep({} if config is None else config)
+    except Exception as err:  # a bug of ours: still one line, and no value echoed
+        return [Violation("config", f"the plugin cannot use this config ({type(err).__name__})")]
 
 
 def problems(doc: Any) -> List[str]:
