@@ -1,6 +1,6 @@
 """The slice of Kong's Admin API a plugin may call: consumers by id, username or
 custom_id (kong/api/routes/consumers.lua; ``GET /consumers?custom_id=`` answers in
-DB-less mode too). Every request is recorded in ``standin.admin_requests``."""
+DB-less mode too; ``GET /`` answers 500 as on Kong 3.9.x). Every request is recorded in ``standin.admin_requests``."""
 
 import json
 import urllib.parse
@@ -33,6 +33,10 @@ def admin_handler(standin: Any) -> Type[BaseHTTPRequestHandler]:
             u = urllib.parse.urlsplit(self.path)
             parts = [urllib.parse.unquote(p) for p in u.path.strip("/").split("/") if p]
             q = urllib.parse.parse_qs(u.query)
+            if not parts:
+                # Kong/kong#14260: on 3.9.x GET / answers 500 while a start_cmd
+                # plugin server runs (observed); other endpoints work
+                return self._send(500, {"message": "An unexpected error occurred"})
             if parts == ["consumers"]:
                 consumers = standin.consumers()
                 if "custom_id" in q:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import msgpack
 
-from .lua import LuaNil, Multi, from_wire, to_wire
+from .lua import LuaError, LuaNil, Multi, from_wire, to_wire
 from .pdk import MULTI_MAP, PDK, RAW, STEP_METHODS
 
 __all__ = ["Rpc", "RpcError", "bridge_loop", "fix_mmap"]
@@ -146,8 +146,8 @@ def bridge_loop(rpc: Rpc, instance_id: Any, phase: str, pdk: PDK, step_errors: b
         if data == "ret":
             return
         if not isinstance(data, dict):
-            # Lua would index nil here: 'attempt to index field Data'
-            raise RpcError("unexpected answer from plugin server: %r" % (data,))
+            # bridge_loop indexes step_in.Data.Method: a Lua error, hence 500
+            raise LuaError("attempt to index field 'Data' (unexpected answer %r)" % (data,))
         method = str(data.get("Method"))
         raw_args = from_wire(data.get("Args"))
         args = raw_args if isinstance(raw_args, list) else ([] if raw_args is None else [raw_args])

@@ -81,11 +81,17 @@ class KongStandIn(object):
                  kong_version: str = "3.9", client_body_buffer_size: int = DEFAULT_BODY_BUFFER,
                  fail_open: str = "raise", instance_claim_wait: float = 10.0,
                  respawn: bool = False, post_function: Optional[Sequence[str]] = None,
-                 socket_name: Optional[str] = None) -> None:
+                 socket_name: Optional[str] = None, inherit_env: bool = False) -> None:
         if fail_open not in ("raise", "record"):
             raise ValueError("fail_open must be 'raise' or 'record'")
         self.command = list(command)
-        self.env = dict(os.environ, **(env or {}))
+        # the query command runs with Kong's environment; nginx clears the start
+        # command's (only TZ survives): what it needs comes from `env VAR=... cmd`,
+        # modelled by ``env`` (``inherit_env=True`` passes the test's environment on)
+        self.query_env = dict(os.environ, **(env or {}))
+        base = dict(os.environ) if inherit_env else \
+            {k: v for k, v in os.environ.items() if k == "TZ"}
+        self.env = dict(base, **(env or {}))
         self.rpc_timeout = rpc_timeout
         self.start_timeout = start_timeout
         self.kong_version = kong_version
@@ -137,7 +143,7 @@ class KongStandIn(object):
 
     # ---- process management (process.lua)
     def _query(self) -> List[Dict[str, Any]]:
-        out = subprocess.run(self.command + ["-dump"], env=self.env, capture_output=True,
+        out = subprocess.run(self.command + ["-dump"], env=self.query_env, capture_output=True,
                              timeout=60)
         if out.returncode != 0:
             raise RuntimeError("query command failed (%d): %s"
