@@ -92,7 +92,10 @@ def test_bad_header_name_refused():
 def test_dump_is_what_kong_reads():
     out = subprocess.run([sys.executable, "-m", "kong_oauth2_introspection.cli", "-dump"],
                          capture_output=True, text=True, check=True).stdout
-    info = {i["Name"]: i for i in json.loads(out)}["oauth2-introspection"]
+    dumped = {i["Name"]: i for i in json.loads(out)}
+    for name, plugin in dumped.items():  # every plugin hosted: its file's kong_schema()
+        assert plugin["Schema"] == schema.load(name).kong_schema(), name
+    info = dumped["oauth2-introspection"]
     assert info["Name"] == "oauth2-introspection" and info["Priority"] == 1700
     assert info["Phases"] == ["access"]
     by_name = {name: spec for entry in info["Schema"]["fields"] for name, spec in entry.items()}
