@@ -176,3 +176,80 @@ def test_purge_with_cluster(two, redis_cluster):
         dropped_everywhere([a, b], tokens[0])
         left = [k for n in redis_cluster.nodes for k in n.client().keys("pc:*")]
         assert left == []
+
+
+# -- through the Kong stand-in: two real plugin-server processes -----------------------
+
+@pytest.fixture(scope="module")
+def two_servers():
+    from conftest import plugin_command
+    from kong_standin import KongStandIn
+    with KongStandIn(plugin_command()) as a, KongStandIn(plugin_command()) as b:
+        yield a, b
+
+
+def test_revoked_token_refused_on_both_plugin_servers_after_a_purge(two_servers,
+                                                                     redis_disposable):
+    from test_plugin_kong import bearer, config
+    a, b = two_servers
+    revoked = set()
+
+    def behaviour(form, headers):
+        if form["token"] in revoked:
+            return Reply(200, {"active": False})
+        return Reply(200, {"active": True, "sub": "henry", "client_id": "app7",
+                           "exp": int(time.time()) + 3600})
+    with IdPDouble(behaviour) as idp:
+        conf = config(idp, store=standalone_store(redis_disposable, prefix="ks:"), ttl=300)
+        ia, ib = a.configure(conf), b.configure(conf)
+        token = "tok-henry-app7-1"
+        assert a.request(ia, "GET", "/", headers=bearer(token)).status == 200
+        assert b.request(ib, "GET", "/", headers=bearer(token)).status == 200
+        assert len(idp.calls) == 1
+        revoked.add(token)
+        # Still cached everywhere: the revocation is not noticed before ttl...
+        assert b.request(ib, "GET", "/", headers=bearer(token)).status == 200
+        out = run_purge(conf, "--token-stdin", stdin=token + "\n")
+        assert out.returncode == 0, out.stderr
+        # ...until the purge, which both servers obey within a second.
+        start = time.monotonic()
+        statuses = set()
+        while time.monotonic() - start < 1.0:
+            statuses = {a.request(ia, "GET", "/", headers=bearer(token)).status,
+                        b.request(ib, "GET", "/", headers=bearer(token)).status}
+            if statuses == {401}:
+                break
+            time.sleep(0.02)
+        assert statuses == {401}
+        assert token not in a.server_log() + b.server_log()
+
+
+def test_no_store_and_failure_races_on_two_plugin_servers(two_servers, redis_disposable):
+    import threading
+    from test_plugin_kong import bearer, config
+    a, b = two_servers
+    mode = {"reply": Reply(200, {"active": True}, {"Cache-Control": "no-store"}, delay=0.6)}
+    with IdPDouble(lambda f, h: mode["reply"]) as idp:
+        conf = config(idp, store=standalone_store(redis_disposable, prefix="kr:"))
+        ia, ib = a.configure(conf), b.configure(conf)
+
+        def race(token):
+            results = {}
+            first = threading.Thread(target=lambda: results.__setitem__(
+                "a", a.request(ia, "GET", "/", headers=bearer(token))))
+            first.start()
+            time.sleep(0.2)
+            start = time.monotonic()
+            results["b"] = b.request(ib, "GET", "/", headers=bearer(token))
+            results["b_s"] = time.monotonic() - start
+            first.join()
+            return results
+        r = race("tok-nostore-1")
+        assert r["a"].status == 200 and r["b"].status == 200
+        assert len(idp.calls) == 2 and r["b_s"] < 1.6       # woken, then asked itself
+        mode["reply"] = Reply(503, delay=0.6)
+        before = len(idp.calls)
+        r = race("tok-failing-1")
+        assert r["a"].status == 500 and r["b"].status == 500   # the same answer A got
+        assert r["b"].kong_error is None and r["b_s"] < 1.0
+        assert len(idp.calls) - before == 1
