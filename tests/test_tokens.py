@@ -33,10 +33,13 @@ def test_query_then_body():
     found, _ = find(query={"access_token": ["q"]})
     assert (found.token, found.where) == ("q", "query")
     found, calls = find(headers={"Content-Type": "application/x-www-form-urlencoded"},
-                        body={"access_token": "b"})
-    assert (found.token, found.where) == ("b", "body") and "get_body" in calls
-    found, calls = find(headers={"Content-Type": "text/plain"}, body={"access_token": "b"})
-    assert found is None and "get_body" not in calls
+                        body="x=1&access_token=b")
+    assert (found.token, found.where) == ("b", "body") and "get_raw_body" in calls
+    found, _ = find(headers={"Content-Type": "application/json; charset=utf-8"},
+                    body='{"access_token": "j"}')
+    assert (found.token, found.where) == ("j", "body")
+    found, calls = find(headers={"Content-Type": "text/plain"}, body="access_token=b")
+    assert found is None and "get_raw_body" not in calls
 
 
 @pytest.mark.parametrize("request_", [
@@ -45,11 +48,17 @@ def test_query_then_body():
     {"headers": {"Authorization": "Bearer " + "a" * (MAX_TOKEN_LENGTH + 1)}},
     {"query": {"access_token": ["to ken"]}},
     {"query": {"access_token": ["tök"]}},
-    {"headers": {"Content-Type": "application/json"}, "body": {"access_token": 12}},
+    {"headers": {"Content-Type": "application/json"}, "body": '{"access_token": 12}'},
+    {"headers": {"Content-Type": "application/x-www-form-urlencoded"},
+     "body": b"access_token=a%FFb"},
 ])
 def test_malformed(request_):
-    with pytest.raises(MalformedToken):
+    with pytest.raises(MalformedToken) as caught:
         find(**request_)
+    # Sent twice is a malformed request (400); anything else an invalid token (401).
+    values = (request_.get("headers", {}).get("Authorization"), request_.get("query", {}).get(
+        "access_token"))
+    assert caught.value.ambiguous == any(isinstance(v, list) and len(v) > 1 for v in values)
 
 
 def test_configured_sources_only_and_in_order():

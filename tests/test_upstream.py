@@ -3,8 +3,8 @@
 import pytest
 
 from kong_oauth2_introspection.config import Config
-from kong_oauth2_introspection.upstream import (consumer_headers, credential_headers,
-                                                drop_spoofed, header_value)
+from kong_oauth2_introspection.upstream import (IdentityHeaders, consumer_headers,
+                                                credential_headers, header_value)
 
 CONF = Config.parse({"introspection_url": "http://idp/x", "authorization_value": "Basic a",
                      "custom_claims_forward": ["tenant_id"],
@@ -33,12 +33,33 @@ def test_credential_headers():
     }
 
 
-def test_spoofed_identity_headers_are_removed_but_ours_kept():
+OWNED = {"X-Consumer-ID", "X-Consumer-Custom-ID", "X-Consumer-Username", "X-Anonymous-Consumer",
+         "X-Credential-Scope", "X-Credential-Client-ID", "X-Credential-Identifier",
+         "X-Credential-Token-Type", "X-Credential-Exp", "X-Credential-Iat", "X-Credential-Nbf",
+         "X-Credential-Sub", "X-Credential-Aud", "X-Credential-Iss", "X-Credential-Jti",
+         "X-Credential-tenant-id", "X-Group", "X-Name", "X-None"}
+
+
+def test_every_owned_header_is_set_or_cleared_whatever_the_client_sent():
+    plan = IdentityHeaders(CONF)
+    # Nothing seen of the client's headers (Kong's read is capped): all cleared anyway.
+    assert plan.table({}, {}) == {name: [] for name in OWNED}
     incoming = {"x-consumer-username": ["root"], "x-credential-scope": ["admin"],
-                "x-anonymous-consumer": ["true"], "x-group": ["admin"], "accept": ["*/*"]}
-    headers = drop_spoofed(CONF, incoming, {"X-Credential-Scope": "read"})
-    assert headers == {"X-Credential-Scope": "read", "x-consumer-username": [],
-                       "x-anonymous-consumer": [], "x-group": []}
+                "x-credential-other": ["x"], "x-group": ["admin"], "accept": ["*/*"]}
+    table = plan.table(incoming, {"X-Credential-Scope": "read", "x-group": "ops"},
+                       remove=["Authorization"])
+    assert table["X-Credential-Scope"] == "read" and table["X-Group"] == "ops"
+    assert table["x-credential-other"] == [] and table["authorization"] == []
+    assert "accept" not in table and "x-group" not in table
+    assert {k for k, v in table.items() if v == []} == (OWNED - {"X-Credential-Scope", "X-Group"}
+                                                        | {"x-credential-other", "authorization"})
+
+
+def test_logical_or_clears_only_what_no_other_plugin_sets():
+    table = IdentityHeaders(CONF).extras_table({"x-credential-other": ["x"],
+                                                "x-consumer-id": ["other-plugin"]})
+    assert "X-Consumer-ID" not in table and "X-Credential-Identifier" not in table
+    assert table["X-Credential-Scope"] == [] and table["x-credential-other"] == []
 
 
 def test_consumer_headers():

@@ -41,21 +41,14 @@ class Answer(NamedTuple):
     cacheable: bool  # False when the server said Cache-Control: no-store
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999 parses to inf
-        raise ValueError("number out of range")
-    return value
-
-
-def _no_constant(name: str):
-    raise ValueError("%s is not JSON" % name)  # NaN, Infinity, -Infinity
-
-
 def parse_answer(body: bytes) -> Dict[str, Any]:
-    """The JSON object of an answer; IntrospectionError for anything else."""
+    """The JSON object of an answer; IntrospectionError for anything else.
+
+    NaN, Infinity and numbers too large for a float are kept (as non-finite
+    floats): ``usable`` refuses them where they matter (exp, nbf) and they are
+    harmless elsewhere."""
     try:
-        claims = json.loads(body, parse_float=_finite_float, parse_constant=_no_constant)
+        claims = json.loads(body)
     except (ValueError, RecursionError):
         raise IntrospectionError("introspection endpoint answered with invalid JSON") from None
     if not isinstance(claims, dict):
