@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,3 +26,62 @@ def kong():
 
 
 from authserver_fixture import auth_server  # noqa: E402,F401 - the real authorization server
+
+
+# -- no secret in any log (issue 9): every plugin-server log and every kong.log
+# line of the whole run is searched for the tests' own tokens and secrets.
+
+_LOGS = []
+_SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|AUTH|_KEY$|^KEY)")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _collect_logs():
+    from kong import standin
+    close, request = standin.KongStandIn.close, standin.KongStandIn.request
+
+    def closing(self):
+        try:
+            _LOGS.append(("plugin server log", self.server_log()))
+        finally:
+            close(self)
+
+    def requesting(self, *args, **kwargs):
+        result = request(self, *args, **kwargs)
+        if result.logs:
+            _LOGS.append(("kong.log", "\n".join(m for _, m in result.logs)))
+        return result
+    standin.KongStandIn.close, standin.KongStandIn.request = closing, requesting
+    yield
+    standin.KongStandIn.close, standin.KongStandIn.request = close, request
+
+
+def _test_secrets():
+    """Module-level constants of the test modules that hold a token or a secret."""
+    found = set()
+    for name, module in list(sys.modules.items()):
+        if not getattr(module, "__file__", None) or not str(module.__file__).startswith(
+                str(ROOT / "tests")):
+            continue
+        for attr, value in vars(module).items():
+            if isinstance(value, str) and len(value) >= 10 and _SECRET_NAME.search(attr) \
+                    and " " not in value.strip().split(" ", 1)[-1]:
+                found.add(value.split(" ", 1)[-1] if value.startswith(("Basic ", "Bearer "))
+                          else value)
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _LOGS:
+        return
+    secrets = _test_secrets()
+    leaks = sorted({(where, secret[:6] + "...") for where, text in _LOGS for secret in secrets
+                    if secret in text})
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if leaks:
+        if reporter is not None:
+            reporter.write_line("SECRETS IN LOGS: %r" % leaks, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif reporter is not None:
+        reporter.write_line("no secret in logs: %d secret values searched in %d log texts"
+                            % (len(secrets), len(_LOGS)))
