@@ -333,3 +333,25 @@ def test_herd_on_two_processes_asks_the_idp_once_per_token(nodes):
         results = [f.result(30) for f in futures]
         assert all(r.get("active") for r in results), results
         assert sorted(idp.tokens) == sorted(tokens)
+
+
+def test_without_pub_sub_rights_waiters_still_get_the_answer_quickly(redis_disposable):
+    """An ACL user that may not use channels: no announcement ever arrives, yet a
+    waiter is served soon after the leader finishes, with one IdP call."""
+    admin = redis_disposable.client()
+    admin.acl_setuser("nochannels", enabled=True, passwords=["+nochannels-pw"],
+                      keys=["*"], commands=["+@all"], reset_channels=True)
+    conf_store = {"key_prefix": "nc:", "secret": STORE_SECRET,
+                  "redis": {"endpoints": [redis_disposable.address], "username": "nochannels",
+                            "password": "nochannels-pw"}}
+    with claims_idp(delay=0.6) as idp:
+        a, b = (CacheNode(config(idp, store=conf_store)) for _ in range(2))
+        try:
+            assert a.call("status")["subscribed"] is False
+            ra, rb = race(a, b, "tok-no-channels")
+            assert ra["active"] and rb["active"] and len(idp.calls) == 1
+            assert rb["s"] < 0.8
+        finally:
+            a.stop()
+            b.stop()
+        assert "nochannels-pw" not in a.log() + b.log()

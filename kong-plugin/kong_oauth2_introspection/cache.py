@@ -50,11 +50,12 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from cachetools import TLRUCache
 
-from .concurrency import Deadline, DeadlineExceeded, current_deadline, deadline_scope
+from .concurrency import Deadline, current_deadline, deadline_scope
 from .introspection import Answer, IntrospectionError
 
 STORED, INACTIVE, NOSTORE, FAILED = "stored", "inactive", "nostore", "failed"
 _LEASE_MARGIN = 0.5   # a lease outlives its holder's own bound by this much
+_UNSUBSCRIBED_LOOK = 0.05
 _MAX_STORE_TTL = 366 * 86400  # ttl 0 and no exp: keep, but not forever
 
 
@@ -243,6 +244,10 @@ class TokenCache:
                     return self._fetch(key, fetch, policy, stale, breaker, leased=False)
                 if deadline is not None:
                     left = deadline.timeout(left)
+                if not getattr(store, "subscribed", True):
+                    # No announcement can reach us (the subscription is being made
+                    # again): look at the lease often instead of sleeping it out.
+                    held = min(held, _UNSUBSCRIBED_LOOK)
                 if not waiter.done.wait(min(held, left)):
                     continue    # lease expired unannounced (holder died): take it over
                 outcome, entry = waiter.outcome, waiter.entry
