@@ -527,7 +527,7 @@ def test_token_endpoint_down(auth, plugins):
         url = idp.url
     r = run(plugins(dict(keys_of(auth), url=url, audience=API,
                          client_config={"max_retries": 1})), basic(auth, "svc-admin"))
-    assert r.status == 500 and any("could not be reached" in json.dumps(e) for e in r.logs)
+    assert r.status == 500 and any("could not connect" in json.dumps(e) for e in r.logs)
 
 
 def test_failures_are_never_cached(auth, plugins):
@@ -825,3 +825,34 @@ def test_the_seeds_advanced_example_is_a_valid_config():
     parsed = Config.parse(dict(example, route_id="r-1", __seq__=3))   # Kong's own keys ignored
     assert parsed.timeout == 5 and parsed.max_retries == 3        # the seed's defaults
     assert "my-secret" not in repr(parsed)
+
+
+def test_a_server_dripping_its_answer_is_cut_at_timeout_seconds(auth, plugins):
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def drip():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n")
+        while not stop.wait(0.2):     # a byte at a time: every read succeeds in time
+            try:
+                conn.sendall(b" ")
+            except OSError:
+                break
+        conn.close()
+    threading.Thread(target=drip, daemon=True).start()
+    url = "http://127.0.0.1:%d/token" % listener.getsockname()[1]
+    try:
+        plugin = plugins(dict(keys_of(auth), url=url, audience=API,
+                              client_config={"timeout_seconds": 1, "max_retries": 0}))
+        started = time.monotonic()
+        r = run(plugin, basic(auth, "svc-admin"))
+        assert r.status == 500 and time.monotonic() - started < 2.0
+    finally:
+        stop.set()
+        listener.close()

@@ -1,9 +1,10 @@
 """HTTP to the authorization server: the token request, its metadata, its keys.
 
-One pooled ``requests.Session`` per plugin instance, with the config's TLS.
-Every try is bounded by ``timeout`` and by what is left of the request's
-deadline; connection errors, timeouts and 5xx answers are retried
-``max_retries`` times with a short jittered backoff, 4xx answers never.
+One pooled ``httpclient.HTTPClient`` per config, with the config's TLS: every
+exchange ends within ``timeout`` and the request's deadline, whatever the
+server drips, and answers are capped in size. Connection errors, timeouts and
+5xx answers are retried ``max_retries`` times with a short jittered backoff,
+4xx answers never.
 
 Error texts are safe to log: they never hold credentials, tokens or bodies.
 """
@@ -19,10 +20,8 @@ import time
 from typing import Any, Dict, NamedTuple, Optional
 from urllib.parse import quote, urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
-
 from ..concurrency import Deadline
+from ..httpclient import HTTPClient, HTTPFailure, Reply
 from .config import TLS, Config
 
 _BACKOFF_BASE = 0.05
@@ -64,7 +63,7 @@ class Issued(NamedTuple):
 
 
 def _private_copy(tls: TLS) -> Dict[str, str]:
-    """requests takes CA bundles and client certificates only as files."""
+    """requests takes CA bundles and client certificates only as files (0600, in a 0700 folder)."""
     folder = tempfile.mkdtemp(prefix="oauth2-client-credentials-tls-")   # mode 0700
     atexit.register(shutil.rmtree, folder, True)
     paths = {"folder": folder}
@@ -82,27 +81,24 @@ def _private_copy(tls: TLS) -> Dict[str, str]:
 class AuthServer:
     def __init__(self, conf: Config, log: Any = None):
         self.conf = conf
-        self.session = requests.Session()
-        self.session.trust_env = False   # no proxy or netrc from the environment
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=64, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
         self._files: Optional[Dict[str, str]] = None
         tls = conf.tls
         if tls.ca or tls.cert:
             self._files = _private_copy(tls)
+        verify: Any = True
         if tls.insecure_skip_verify:
-            self.session.verify = False
+            verify = False
             if log is not None:
                 log.warn("client_config.tls.insecure_skip_verify is on: the authorization "
                          "server's certificate is not verified")
         elif self._files and "ca" in self._files:
-            self.session.verify = self._files["ca"]
-        if self._files and "cert" in self._files:
-            self.session.cert = (self._files["cert"], self._files["key"])
+            verify = self._files["ca"]
+        cert = (self._files["cert"], self._files["key"]) \
+            if self._files and "cert" in self._files else None
+        self.http = HTTPClient(pool_maxsize=64, verify=verify, cert=cert)
 
     def close(self) -> None:
-        self.session.close()
+        self.http.close()
         if self._files:
             shutil.rmtree(self._files["folder"], True)
             self._files = None
@@ -116,14 +112,14 @@ class AuthServer:
                    "Content-Type": "application/x-www-form-urlencoded"}
         response = self._send("POST", conf.url, "token endpoint", deadline,
                               data=form, headers=headers)
-        body = _json(response, "token endpoint")
-        if 400 <= response.status_code < 500:
+        body = _json(response)
+        if 400 <= response.status < 500:
             code = body.get("error") if isinstance(body, dict) else None
-            raise ClientRejected(response.status_code,
+            raise ClientRejected(response.status,
                                  code if isinstance(code, str) and code.isprintable() else "")
-        if response.status_code != 200 or not isinstance(body, dict):
+        if response.status != 200 or not isinstance(body, dict):
             raise ServerError("token endpoint answered HTTP %d%s" % (
-                response.status_code, "" if isinstance(body, dict) else " without a JSON object"))
+                response.status, "" if isinstance(body, dict) else " without a JSON object"))
         token, kind = body.get("access_token"), body.get("token_type", "Bearer")
         if not isinstance(token, str) or not token:
             raise ServerError("token endpoint answered without an access_token")
@@ -143,9 +139,9 @@ class AuthServer:
             except ServerError as err:
                 failures.append(str(err))
                 continue
-            meta = _json(response, "metadata")
-            if response.status_code != 200 or not isinstance(meta, dict):
-                failures.append("metadata at %s: HTTP %d" % (where, response.status_code))
+            meta = _json(response)
+            if response.status != 200 or not isinstance(meta, dict):
+                failures.append("metadata at %s: HTTP %d" % (where, response.status))
                 continue
             if conf.issuer and meta.get("issuer") != conf.issuer:
                 raise ServerError("metadata at %s names another issuer" % where)
@@ -160,31 +156,28 @@ class AuthServer:
     def jwks(self, url: str, deadline: Optional[Deadline]) -> Dict[str, Any]:
         response = self._send("GET", url, "JWKS", deadline,
                               headers={"Accept": "application/json"})
-        body = _json(response, "JWKS")
-        if response.status_code != 200 or not isinstance(body, dict) \
+        body = _json(response)
+        if response.status != 200 or not isinstance(body, dict) \
                 or not isinstance(body.get("keys"), list):
-            raise ServerError("JWKS at %s: HTTP %d, no key set" % (url, response.status_code))
+            raise ServerError("JWKS at %s: HTTP %d, no key set" % (url, response.status))
         return body
 
     # -- plumbing -------------------------------------------------------------
 
     def _send(self, method: str, url: str, what: str, deadline: Optional[Deadline],
-              retry: bool = True, **kwargs: Any) -> requests.Response:
+              retry: bool = True, **kwargs: Any) -> Reply:
+        # HTTPClient spends from current_deadline(): the caller's scope sets it.
         attempt = 0
         while True:
-            timeout = deadline.timeout(self.conf.timeout) if deadline else self.conf.timeout
             try:
-                response = self.session.request(method, url, timeout=(timeout, timeout),
-                                                allow_redirects=False, stream=True, **kwargs)
-            except requests.Timeout:
-                failure = "timed out"
-            except requests.RequestException as err:
-                failure = "could not be reached (%s)" % type(err).__name__
+                reply = self.http.request(method, url, timeout=self.conf.timeout,
+                                          max_bytes=_MAX_BODY, **kwargs)
+            except HTTPFailure as err:
+                failure = str(err)
             else:
-                if response.status_code < 500:
-                    return response
-                failure = "answered HTTP %d" % response.status_code
-                response.close()
+                if reply.status < 500:
+                    return reply
+                failure = "answered HTTP %d" % reply.status
             if not retry or attempt >= self.conf.max_retries:
                 raise ServerError("%s %s" % (what, failure))
             pause = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
@@ -194,19 +187,10 @@ class AuthServer:
             attempt += 1
 
 
-def _json(response: requests.Response, what: str) -> Any:
-    """The answer's JSON, or None; reads at most _MAX_BODY bytes."""
+def _json(reply: Reply) -> Any:
+    """The answer's JSON, or None."""
     try:
-        raw = response.raw.read(_MAX_BODY + 1, decode_content=True)
-    except Exception as err:   # noqa: BLE001 - a reset mid-body, a read timeout
-        response.close()
-        raise ServerError("%s: answer could not be read (%s)" % (what, type(err).__name__))
-    if len(raw) > _MAX_BODY:
-        response.close()   # drop the connection rather than read the rest
-        return None
-    response.raw.release_conn()   # read to the end: the connection can be reused
-    try:
-        return json.loads(raw)
+        return json.loads(reply.body)
     except ValueError:
         return None
 
