@@ -179,3 +179,21 @@ def test_open_breaker_serves_stale_answers_when_allowed():
         calls = len(idp.calls)
         assert get("known").active           # stale, without asking
         assert len(idp.calls) == calls
+
+
+# -- through the Kong stand-in and the real plugin server ------------------------------
+
+def test_plugin_server_stops_calling_a_failing_idp(kong):
+    from test_plugin_kong import bearer, config
+    with IdPDouble(lambda f, h: Reply(503)) as idp:
+        inst = kong.configure(config(idp, timeout=2000))
+        for i in range(5):
+            assert kong.request(inst, "GET", "/", headers=bearer(f"tok-brk-{i}")).status == 500
+        assert len(idp.calls) == 5
+        for i in range(20):
+            r = kong.request(inst, "GET", "/", headers=bearer(f"tok-brk-open-{i}"))
+            assert r.status == 500 and not r.proxied
+        assert len(idp.calls) == 5           # open: the IdP is left alone
+    log = kong.server_log()
+    assert log.count("circuit breaker for %s: open" % idp.url) == 1
+    assert "tok-brk" not in log

@@ -88,6 +88,7 @@ class Policy(NamedTuple):
     negative_ttl: float
     stale_if_error: float
     wait: float           # longest wait for a concurrent introspection
+    breaker: Any = None   # breaker.Breaker of the config's endpoint, if any
 
     def fresh_until(self, entry: Entry) -> float:
         if not entry.active:
@@ -175,9 +176,12 @@ class TokenCache:
             breaker=None, deadline: Optional[Deadline] = None) -> Entry:
         """The entry for ``key``, asking ``fetch`` (the IdP) only when needed.
 
-        Raises IntrospectionError when the IdP fails (or ``breaker`` is open) and
-        nothing may be served, DeadlineExceeded when the request's time is up.
+        Raises IntrospectionError when the IdP fails (or ``breaker``, by default
+        the policy's, is open) and nothing may be served, DeadlineExceeded when the
+        request's time is up.
         """
+        if breaker is None:
+            breaker = policy.breaker
         if deadline is not None and deadline is not current_deadline():
             with deadline_scope(deadline):
                 return self._get(key, fetch, policy, breaker, deadline)

@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional
 
 from . import NAME, PRIORITY, VERSION, body, responses
 from . import schema as schema_module
+from . import breaker as breakers
 from .cache import Policy, TokenCache
 from .claims import MISSING, resolve
 from .concurrency import DeadlineExceeded, blocking
@@ -83,7 +84,8 @@ class Runtime:
                                     lambda: SharedCache(identity, conf.store)).cache
         self.policy = Policy(ttl=conf.ttl, negative_ttl=conf.negative_ttl,
                              stale_if_error=conf.stale_if_error,
-                             wait=conf.timeout * (conf.max_retries + 1))
+                             wait=conf.timeout * (conf.max_retries + 1),
+                             breaker=breakers.for_endpoint(conf.introspection_url, LOG))
         self.strip = () if conf.forward_authorization else ("authorization",)
 
     def close(self) -> None:
