@@ -856,3 +856,25 @@ def test_a_server_dripping_its_answer_is_cut_at_timeout_seconds(auth, plugins):
     finally:
         stop.set()
         listener.close()
+
+
+def test_a_failed_leader_does_not_keep_the_other_node_waiting(auth, plugins, redis_disposable):
+    # Node 1 holds the cluster lease while the server refuses the client; node 2's
+    # callers take the lease over when it is released instead of waiting it out.
+    with IdPDouble(lambda f, h: Reply(401, {"error": "invalid_client"}, delay=0.3)) as idp:
+        config = dict(keys_of(auth), url=idp.url, audience=API, store=store(redis_disposable))
+        nodes = [plugins(node(config, 1)), plugins(node(config, 2))]
+        barrier = threading.Barrier(10)
+        results: List[Outcome] = []
+
+        def one(i):
+            barrier.wait()
+            results.append(run(nodes[i % 2], basic(auth, "svc-admin", "wrong")))
+        started = time.monotonic()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r.status for r in results] == [401] * 10
+        assert time.monotonic() - started < 3.0

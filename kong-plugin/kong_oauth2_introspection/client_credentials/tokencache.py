@@ -20,7 +20,7 @@ import hmac
 import secrets
 import threading
 import time
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 from cachetools import TLRUCache
 
@@ -124,11 +124,11 @@ class TokenCache:
             token = self._from_store(key, deadline)
             if token is not None:
                 return token
-            leased = store.lease(key, max(1, int(self._wait_for(deadline) * 1000)))
-            # Leased: look once more (the previous holder may have just written it).
-            # Not leased: another node is asking; wait for what it writes.
-            token = (self._from_store(key, deadline) if leased
-                     else self._await_store(key, deadline))
+            leased = store.lease(key, self._lease_ms(deadline))
+            if leased:   # look once more: the previous holder may have just written it
+                token = self._from_store(key, deadline)
+            else:        # another process is asking: wait for what it writes
+                token, leased = self._await_store(key, deadline)
             if token is not None:
                 if leased:
                     store.release(key)
@@ -161,14 +161,23 @@ class TokenCache:
             self._local[key] = token
         return token
 
-    def _await_store(self, key: str, deadline: Optional[Deadline]) -> Optional[Token]:
+    def _lease_ms(self, deadline: Optional[Deadline]) -> int:
+        return max(1, int(self._wait_for(deadline) * 1000))
+
+    def _await_store(self, key: str, deadline: Optional[Deadline]
+                     ) -> Tuple[Optional[Token], bool]:
+        """(the token another process wrote, False), or (None, True) once the lease
+        is ours: its holder gave up without a token (a refused client, a failing
+        server), and nobody else is asking."""
         until = time.monotonic() + self._wait_for(deadline)
         while time.monotonic() < until:
             time.sleep(_POLL_INTERVAL)
             token = self._from_store(key, deadline)
             if token is not None:
-                return token
-        return None
+                return token, False
+            if self.store.lease(key, self._lease_ms(deadline)):
+                return self._from_store(key, deadline), True
+        return None, False
 
     def close(self) -> None:
         if self.store is not None:
