@@ -878,3 +878,9 @@ def test_a_failed_leader_does_not_keep_the_other_node_waiting(auth, plugins, red
             t.join()
         assert [r.status for r in results] == [401] * 10
         assert time.monotonic() - started < 3.0
+
+
+@pytest.mark.parametrize("forward", [{"Authorization": "sub"}, {"Group": "grp", "group": "sub"}])
+def test_forward_headers_cannot_replace_the_token_or_repeat(auth, plugins, forward):
+    r = run(plugins(conf(auth, forward_headers=forward)), basic(auth, "svc-admin"))
+    assert r.status == 500 and r.upstream is None

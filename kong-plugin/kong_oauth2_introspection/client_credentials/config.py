@@ -78,9 +78,16 @@ class Config:
                 raise ConfigError("config.claims: %s" % err) from None
 
         forward = []
+        seen = set()
         for name, path in sorted(c["forward_headers"].items()):
             if not _HEADER_NAME.match(name):
                 raise ConfigError("config.forward_headers: not a valid header name: %r" % name)
+            if name.lower() in _ALWAYS_OWNED or name.lower() in seen:
+                # The upstream's Authorization is the token; a header named twice
+                # (in two cases) would go upstream twice.
+                raise ConfigError("config.forward_headers: %r cannot be set from a claim"
+                                  % name)
+            seen.add(name.lower())
             forward.append((name, _path("config.forward_headers." + name, path)))
         username_claim = (_path("config.username_claim", c["username_claim"])
                           if c["username_claim"] else None)
