@@ -695,11 +695,13 @@ def test_unknown_kid_fetches_the_jwks_again(keys, plugins):
 
 def test_two_nodes_share_one_token_through_redis(auth, plugins, redis_disposable):
     config = conf(auth, store=store(redis_disposable))
+    config["store"]["redis"]["database"] = 5                      # store.redis.database
     a, b = plugins(node(config, 1)), plugins(node(config, 2))
     ra = run(a, basic(auth, "svc-admin"))
     rb = run(b, basic(auth, "svc-admin"))
     assert ra.status == rb.status == 200 and ra.bearer == rb.bearer
-    raw = redis_disposable.client()
+    assert redis_disposable.client().keys("*") == []
+    raw = redis_disposable.client(db=5)
     keys = [k for k in raw.keys("*") if not k.endswith(b":lease")]
     assert keys and all(k.startswith(b"cc:") for k in keys)        # store.key_prefix
     secret = auth.secret_of("svc-admin").encode()
