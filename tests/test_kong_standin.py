@@ -361,6 +361,17 @@ def test_upstream_changes(probe):
     assert r.response_headers["X-Resp"] == "r"
 
 
+def test_clear_query_arg_reserializes_the_rest(probe):
+    # Kong 3.9: lua-resty-ada parses the query as URLSearchParams and serializes
+    # what is left; it keeps every argument, past the 100th too
+    inst = probe.configure({"name": "n"})
+    many = "&".join("q%d=%d" % (i, i) for i in range(150))
+    r = act(probe, inst, "clear_query",
+            query="debug&access_token=t&a=b+c%7E&access%5Ftoken=u&x=%FF&" + many)
+    assert r.upstream.raw_query == "debug=&a=b%20c%7E&x=%FF&" + many
+    assert act(probe, inst, "clear_query").upstream.raw_query == ""
+
+
 def test_exit_with_table_body(probe):
     inst = probe.configure({"name": "n"})
     r = act(probe, inst, "exit")

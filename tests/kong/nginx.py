@@ -25,7 +25,7 @@ from .lua import LuaError, lua_str, lua_tostring
 
 __all__ = ["CIMultiDict", "UNIQUE_HEADERS", "header_pairs", "duplicate_unique_header",
            "drop_invalid_names", "ngx_unescape", "ngx_escape", "parse_args", "encode_args",
-           "parse_multipart", "mmap_headers", "DEFAULT_BODY_BUFFER"]
+           "parse_multipart", "mmap_headers", "DEFAULT_BODY_BUFFER", "search_remove"]
 
 DEFAULT_BODY_BUFFER = 8192
 UNIQUE_HEADERS = frozenset(("host", "authorization", "content-length", "content-range",
@@ -189,6 +189,33 @@ def encode_args(args: Dict[Any, Any]) -> str:
             parts.append("&".join(one))
     parts.sort()
     return "&".join(parts)
+
+
+_FORM_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789*-._")
+
+
+def _form_encode(s: str) -> str:
+    """WHATWG application/x-www-form-urlencoded serializer (ada's url_search_params)."""
+    out = []
+    for b in s.encode("utf-8", "surrogateescape"):
+        out.append(chr(b) if b in _FORM_SAFE else "+" if b == 0x20 else "%%%02X" % b)
+    return "".join(out)
+
+
+def search_remove(raw: str, name: str) -> str:
+    """lua-resty-ada ``search.remove`` as Kong 3.9's clear_query_arg uses it: the
+    query is parsed as URLSearchParams, ``name`` removed, the rest RE-SERIALIZED
+    (a bare ``flag`` becomes ``flag=``, every byte but alnum and ``*-._`` is
+    percent-encoded), then Kong turns ``+`` into ``%20``."""
+    kept = []
+    for part in raw.split("&"):
+        if part == "":
+            continue
+        k, _, v = part.partition("=")
+        key, value = ngx_unescape(k), ngx_unescape(v)
+        if key != name:
+            kept.append(_form_encode(key) + "=" + _form_encode(value))
+    return "&".join(kept).replace("+", "%20")
 
 
 def parse_multipart(body: bytes, content_type: Optional[str]) -> Optional[Dict[str, Any]]:

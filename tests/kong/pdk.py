@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .lua import LuaError, LuaNil, Multi, cjson_encode, cjson_str, is_uuid, lua_number, \
     lua_tostring, lua_type
-from .nginx import encode_args, mmap_headers, ngx_unescape, parse_args, parse_multipart
+from .nginx import encode_args, mmap_headers, parse_args, parse_multipart, search_remove
 from .state import RequestState
 
 __all__ = ["PDK", "Exited", "STEP_METHODS", "MULTI_MAP", "RAW"]
@@ -364,9 +364,8 @@ class PDK(object):
     def m_service__request__clear_query_arg(self, name: Any = None) -> None:
         if not isinstance(name, str):
             raise LuaError("query argument name must be a string")
-        kept = [part for part in self.s.raw_query.split("&")
-                if part and ngx_unescape(part.split("=", 1)[0]) != name]
-        self.s.raw_query = "&".join(kept)
+        if self.s.raw_query:
+            self.s.raw_query = search_remove(self.s.raw_query, name)
 
     def m_service__request__set_raw_body(self, body: Any = None) -> None:
         if isinstance(body, str):

@@ -92,7 +92,8 @@ def _validate(path: str, fdef: Dict[str, Any], value: Any) -> Any:
     _check_type(path, fdef, value)
     t = fdef.get("type")
     if "eq" in fdef and value != fdef["eq"]:
-        raise SchemaViolation(path, "value must be %s" % fdef["eq"])
+        raise SchemaViolation(path, "value must be %s" % (
+            "null" if fdef["eq"] is None else fdef["eq"]))
     if "one_of" in fdef and value not in fdef["one_of"]:
         raise SchemaViolation(path, "expected one of: %s" % ", ".join(map(str, fdef["one_of"])))
     if t in ("number", "integer"):
@@ -143,10 +144,11 @@ def fill_record(path: str, fields: List[Dict[str, Any]], given: Dict[str, Any]) 
     for name, fdef in declared.items():
         fpath = "%s.%s" % (path, name) if path else name
         value = given.get(name)
-        if value is None and name not in given and "default" in fdef:
-            value = copy.deepcopy(fdef["default"])
-        elif value is None and fdef.get("type") == "record" and fdef.get("required"):
-            value = {}    # handle_missing_field: a required record is expanded
+        if name not in given:   # missing (an explicit null stays null: no default)
+            if "default" in fdef:
+                value = copy.deepcopy(fdef["default"])
+            elif fdef.get("type") == "record" and fdef.get("required"):
+                value = {}    # handle_missing_field: a required record is expanded
         if value is None:
             if fdef.get("required"):
                 raise SchemaViolation(fpath, "required field missing")

@@ -143,6 +143,9 @@ class Plugin(object):
                "values": {"X-Empty": "", "X-Num": 1.5, "X-Int": 3, "X-Flag": True}}[which]
         kong.service.request.set_headers(arg)
 
+    def do_clear_query(self, kong):
+        kong.service.request.clear_query_arg("access_token")
+
     def do_authenticate(self, kong):
         kong.client.authenticate(None, {"id": "cred-probe"})
 
