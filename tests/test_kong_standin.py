@@ -372,6 +372,33 @@ def test_clear_query_arg_reserializes_the_rest(probe):
     assert act(probe, inst, "clear_query").upstream.raw_query == ""
 
 
+@pytest.mark.parametrize("content_type,upstream_body", [
+    ("application/x-www-form-urlencoded", "a=1&b=2"),
+    ('multipart/form-data; boundary="xyz"',
+     '--xyz\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n'
+     '--xyz\r\nContent-Disposition: form-data; name="b"\r\n\r\n2\r\n--xyz--\r\n'),
+    (None, "original"),
+])
+def test_set_body_rules(probe, content_type, upstream_body):
+    inst = probe.configure({"name": "n"})
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = act(probe, inst, "set_body", method="POST", headers=headers, body="original")
+    assert r.status == 200 and r.upstream.body == upstream_body
+    assert r.serialize["ok"] == ("null" if content_type is None else "true")
+    if content_type and content_type.startswith("multipart"):
+        # the parts' own headers (filename, Content-Type) cannot survive set_body
+        assert r.upstream.headers["Content-Type"] == "multipart/form-data; boundary=xyz"
+
+
+def test_set_body_json_and_unsupported_type(probe):
+    inst = probe.configure({"name": "n"})
+    r = act(probe, inst, "set_body", method="POST",
+            headers={"Content-Type": "application/json; charset=utf-8"}, body="{}")
+    assert json.loads(r.upstream.body) == {"a": "1", "b": "2"}
+    r = act(probe, inst, "set_body", method="POST", headers={"Content-Type": "text/plain"}, body="x")
+    assert r.status == 500 and r.kong_error == "unsupported content type text/plain"
+
+
 def test_exit_with_table_body(probe):
     inst = probe.configure({"name": "n"})
     r = act(probe, inst, "exit")

@@ -131,7 +131,8 @@ def ngx_unescape(s: str) -> str:
 
 def ngx_escape(s: Any) -> str:
     text = s if isinstance(s, str) else lua_tostring(s)
-    return urllib.parse.quote(text.encode("utf-8", "surrogateescape"), safe="-_.~!*'()")
+    # ngx.escape_uri (URI component): only A-Za-z0-9 and -._~ stay as they are
+    return urllib.parse.quote(text.encode("utf-8", "surrogateescape"), safe="-_.~")
 
 
 def _add(out: Dict[str, Any], key: str, value: Any) -> None:

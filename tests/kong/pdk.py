@@ -377,25 +377,43 @@ class PDK(object):
         self.s.headers._set("Content-Length", [str(len(body))])
 
     def m_service__request__set_body(self, args: Any = None, mimetype: Any = None) -> Any:
+        """service/request.lua set_body: the handler is picked by the exact MIME
+        type before any ';'; another type is a Lua error. multipart keeps only
+        name/value pairs (sorted), no file names or part headers."""
         if not isinstance(args, (dict, list)):
             raise LuaError("args must be a table")
-        ct = (mimetype or self.s.content_type() or "").lower()
+        if mimetype is not None and not isinstance(mimetype, str):
+            raise LuaError("mime must be a string")
+        mime = mimetype or self.s.content_type()
+        if not mime:
+            return Multi(None, "content type was neither explicitly given as an argument "
+                               "or received as a header")
+        bare = mime.split(";", 1)[0]
         table = args if isinstance(args, dict) else {}
-        if ct.startswith("application/json"):
-            raw = cjson_encode(args)
-        elif ct.startswith("application/x-www-form-urlencoded"):
-            raw = encode_args(table)
-        elif ct.startswith("multipart/form-data"):
-            boundary = "kongstandin" + uuid.uuid4().hex[:12]
-            parts = ['--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
-                     % (boundary, k, lua_tostring(v)) for k, v in table.items()]
+        if bare == "application/x-www-form-urlencoded":
+            raw, ctype = encode_args(table), mime
+        elif bare == "application/json":
+            raw, ctype = cjson_encode(args), mime
+        elif bare == "multipart/form-data":
+            at = mime.find("boundary=")
+            boundary = mime[at + 9:].split('"')[1] if at >= 0 and mime[at + 9:].startswith('"') \
+                else (mime[at + 9:] if at >= 0 else uuid.uuid4().hex[:10])
+            parts = []
+            for k in sorted(table, key=lambda x: str(x)):
+                v = table[k]
+                if not isinstance(k, str):
+                    raise LuaError("invalid key %r: got %s, expected string" % (k, lua_type(k)))
+                if not isinstance(v, (str, int, float, bool)):
+                    raise LuaError("invalid value %r: got %s, expected string, number or boolean"
+                                   % (k, lua_type(v)))
+                parts.append('--%s\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+                             % (boundary, k, lua_tostring(v)))
             raw = "".join(parts) + "--%s--\r\n" % boundary
-            self.s.headers._set("Content-Type", ["multipart/form-data; boundary=" + boundary])
+            ctype = "multipart/form-data; boundary=" + boundary
         else:
-            return Multi(None, "unsupported content type '%s'" % ct)
-        if mimetype and not ct.startswith("multipart"):
-            self.s.headers._set("Content-Type", [mimetype])
+            raise LuaError("unsupported content type " + mime)
         self.m_service__request__set_raw_body(raw)
+        self.s.headers._set("Content-Type", [ctype])
         return True
 
     def m_service__request__set_path(self, path: Any = None) -> None:

@@ -143,6 +143,10 @@ class Plugin(object):
                "values": {"X-Empty": "", "X-Num": 1.5, "X-Int": 3, "X-Flag": True}}[which]
         kong.service.request.set_headers(arg)
 
+    def do_set_body(self, kong):
+        ok = kong.service.request.set_body({"b": "2", "a": "1"})
+        kong.log.set_serialize_value("ok", json.dumps(ok))
+
     def do_clear_query(self, kong):
         kong.service.request.clear_query_arg("access_token")
 
