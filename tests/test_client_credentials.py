@@ -28,7 +28,7 @@ from kong_oauth2_introspection.client_credentials.verify import REFRESH_INTERVAL
 from kong_oauth2_introspection.concurrency import Deadline, deadline_scope
 from redis_servers import (ACL_PASSWORD, ACL_USER, MASTER_SET, PASSWORD,  # noqa: F401
                            SENTINEL_PASSWORD, redis_cluster, redis_disposable,
-                           redis_sentinel, redis_standalone, redis_tls, tls_certs)
+                           redis_sentinel, redis_tls, tls_certs)
 
 API = "https://api.example.com"
 STORE_SECRET = "0123456789abcdef0123456789abcdef"
@@ -132,7 +132,8 @@ def run(plugin: Plugin, headers=None) -> Outcome:
 
 
 def basic(auth_server: AuthServer, client_id: str, secret: Optional[str] = None) -> Dict[str, str]:
-    return {"Authorization": basic_authorization(client_id, secret or auth_server.secret_of(client_id))}
+    secret = secret or auth_server.secret_of(client_id)
+    return {"Authorization": basic_authorization(client_id, secret)}
 
 
 def conf(auth_server: AuthServer, **extra) -> Dict[str, Any]:
@@ -690,7 +691,7 @@ def test_unknown_kid_fetches_the_jwks_again(keys, plugins):
     assert keys.jwks_fetches <= 3       # at most one more, within REFRESH_INTERVAL
 
 
-# -- the store ----------------------------------------------------------------------------------------
+# -- the store ----------------------------------------------------------------------------
 
 
 def test_two_nodes_share_one_token_through_redis(auth, plugins, redis_disposable):
@@ -738,7 +739,8 @@ def test_store_secret_is_required_with_redis(auth, plugins, redis_disposable):
 
 def test_configs_with_another_store_secret_share_nothing(auth, plugins, redis_disposable):
     a = plugins(conf(auth, store=store(redis_disposable)))
-    b = plugins(conf(auth, store=store(redis_disposable, secret="fedcba9876543210fedcba9876543210")))
+    other = store(redis_disposable, secret="fedcba9876543210fedcba9876543210")
+    b = plugins(conf(auth, store=other))
     ta, tb = run(a, basic(auth, "svc-admin")).bearer, run(b, basic(auth, "svc-admin")).bearer
     assert ta != tb
 
