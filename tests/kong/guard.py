@@ -160,7 +160,7 @@ class PostFunction(object):
             "consumer": lambda: self._lua(state.consumer),
             "method": lambda: self._lua(state.method),
             "path": lambda: self._lua(state.path),
-            "header": lambda name: self._lua(state.http_var(self._py(name))),
+            "header": lambda name: self._lua(state.get_header(self._py(name))),
             "exit": exit_,
             "log": log,
         }

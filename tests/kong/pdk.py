@@ -194,7 +194,7 @@ class PDK(object):
     def m_request__get_header(self, name: Any = None) -> Optional[str]:
         if not isinstance(name, str):
             raise LuaError("header name must be a string")
-        return self.s.http_var(name)
+        return self.s.get_header(name)
 
     def m_request__get_headers(self, max_headers: Any = None) -> Dict[str, Any]:
         return mmap_headers(self.s.headers.items_all(), _max(max_headers, "max_headers"))

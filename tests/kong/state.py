@@ -3,7 +3,7 @@ kong.ctx.shared, the authenticated consumer/credential, and the request the
 upstream will get (ngx.req.set_header & co. change it in place).
 
 Mirrors lua-nginx-module's variables (``$http_NAME`` joins repeated lines with
-``, `` — ``; `` for Cookie — since nginx 1.23, as OpenResty 1.25 in Kong 3.9 does)
+``, `` -- ``; `` for Cookie -- since nginx 1.23, as OpenResty 1.25 in Kong 3.9 does)
 and Kong's request body handling (``client_body_buffer_size``, 8 KB by default)."""
 
 import time
@@ -60,6 +60,20 @@ class RequestState(object):
         if not vals:
             return None
         return ("; " if want == "cookie" else ", ").join(vals)
+
+    def get_header(self, name: str) -> Optional[str]:
+        """kong.request.get_header (kong/tools/http.lua get_header, Kong 3.9):
+        ``$http_NAME``; when that holds ", " (repeated lines, or one value with a
+        comma) the first value from ngx.req.get_headers() -- which reads only the
+        first 100 lines, so such a header past them reads as nil."""
+        value = self.http_var(name)
+        if value is None or ", " not in value:
+            return value
+        want = name.lower().replace("_", "-")
+        for k, v in self.headers.items_all()[:100]:
+            if k.lower() == want:
+                return v
+        return None
 
     def ngx_var(self, name: Any) -> Optional[str]:
         if not isinstance(name, str):
