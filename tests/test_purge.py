@@ -35,10 +35,10 @@ def plugin(idp, store):
 
 
 def run_purge(conf, *args, stdin=None):
-    out = subprocess.run([sys.executable, "-m", "kong_oauth2_introspection.purge",
-                          "--config", json.dumps(conf), *args], input=stdin,
-                         capture_output=True, text=True, timeout=60)
-    return out
+    """The command users run: ``kong-oauth2-introspection purge --config JSON ...``."""
+    from conftest import plugin_command
+    return subprocess.run(plugin_command() + ["purge", "--config", json.dumps(conf), *args],
+                          input=stdin, capture_output=True, text=True, timeout=60)
 
 
 def dropped_everywhere(nodes, token, within=1.0):
@@ -135,12 +135,35 @@ def test_purge_reaches_a_process_that_never_asked(two, redis_disposable):
         assert b.get("tok-erin-app9-1")["active"] and len(idp.calls) == 2
 
 
+def test_purge_with_a_declarative_config(two, redis_disposable, tmp_path):
+    import yaml
+    from conftest import plugin_command
+    with idp_by_token() as idp:
+        conf = plugin(idp, standalone_store(redis_disposable, prefix="ky:"))
+        a, b = two(conf)
+        assert a.get("tok-ivy-app2-1")["active"] and a.get("tok-jack-app2-2")["active"]
+        held_everywhere([a, b], "tok-jack-app2-2")
+        kong_yml = tmp_path / "kong.yml"
+        kong_yml.write_text(yaml.safe_dump({"_format_version": "3.0", "services": [{
+            "name": "s", "url": "http://upstream", "routes": [{
+                "name": "r", "paths": ["/"],
+                "plugins": [{"name": "oauth2-introspection", "config": conf}]}]}]}))
+        out = subprocess.run(plugin_command() + ["purge", "--kong-yml", str(kong_yml),
+                                                 "--sub", "ivy"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        dropped_everywhere([a, b], "tok-ivy-app2-1")
+        assert all(n.peek("tok-jack-app2-2") for n in (a, b))
+
+
 def test_usage_errors_and_no_store():
     assert run_purge({"introspection_url": "http://x/i", "authorization_value": "v"},
                      "--all").returncode == 1
     out = subprocess.run([sys.executable, "-m", "kong_oauth2_introspection.purge", "--all"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
+    assert run_purge({"introspection_url": "http://x/i", "authorization_value": "v"},
+                     "--sub", "a", "--all").returncode == 2
 
 
 def test_purge_with_sentinel(two, redis_sentinel):
