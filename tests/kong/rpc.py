@@ -9,6 +9,9 @@ Mirrors kong/runloop/plugin_servers/rpc/mp_rpc.lua (Kong 3.9):
 * lua-MessagePack packing: every Lua string is a msgpack *str* holding whatever
   bytes it holds (non-UTF-8 bytes included), only raw bodies (``fix_raw``) are *bin*;
   multi-maps go through ``fix_mmap`` (every value a list, empty map when empty);
+  ``fix_raw`` wraps even a nil raw body, which then fails to pack: a Lua error,
+  so ``get_raw_body()`` on a body nginx spooled to a file answers 500 on Kong 3.x
+  (read from mp_rpc.lua and lua-MessagePack, not observed);
 * ``bridge_loop``: ``plugin.HandleEvent``, then one ``plugin.Step*`` per PDK call
   until ``"ret"``. Kong 3.x keeps only a PDK function's first return value
   (``ret = method(unpack(args))``), so ``nil, err`` reaches the plugin as nil;
@@ -167,7 +170,11 @@ def bridge_loop(rpc: Rpc, instance_id: Any, phase: str, pdk: PDK, step_errors: b
             if method in MULTI_MAP:
                 packed = fix_mmap(res) if res is not None else None
             elif method in RAW:
-                packed = res if isinstance(res, bytes) or res is None else \
+                if res is None:
+                    # fix_raw(nil) packs nil as binary: lua-MessagePack's
+                    # packers['binary'] takes #str of nil, a Lua error (500)
+                    raise LuaError("attempt to get length of local 'str' (a nil value)")
+                packed = res if isinstance(res, bytes) else \
                     str(res).encode("utf-8", "surrogateescape")
             else:
                 packed = to_wire(res)

@@ -122,8 +122,9 @@ class Plugin(object):
             return {"error": str(e)}
 
     def do_body(self, kong):
-        out = {"body": self._try(kong.request.get_body),
-               "raw_body": self._try(kong.request.get_raw_body)}
+        out = {"body": self._try(kong.request.get_body)}
+        if kong.request.get_header("x-skip-raw") is None:
+            out["raw_body"] = self._try(kong.request.get_raw_body)
         kong.log.set_serialize_value("body", json.dumps(out))
 
     def do_caps(self, kong):
