@@ -337,3 +337,28 @@ def test_herd_of_distinct_tokens_asks_once_per_token():
         t.join()
     assert all(results) and len(results) == 60
     assert sorted(calls) == sorted(f"t{i}" for i in range(12))
+
+
+def test_leader_out_of_time_waiters_fail_with_it_instead_of_asking_again():
+    cache = make()
+    calls = []
+
+    def late():
+        calls.append(1)
+        time.sleep(0.4)
+        raise DeadlineExceeded("the leader's request ran out of time")
+    outcome = {}
+
+    def leader():
+        try:
+            cache.get("k", late)
+        except DeadlineExceeded:
+            outcome["leader"] = "deadline"
+    t = threading.Thread(target=leader)
+    t.start()
+    time.sleep(0.1)
+    waiter_fetch = Fetcher(Answer({"active": True}, True))
+    with pytest.raises(IntrospectionError):
+        cache.get("k", waiter_fetch)
+    t.join()
+    assert outcome == {"leader": "deadline"} and len(calls) == 1 and waiter_fetch.calls == 0

@@ -213,8 +213,11 @@ class TokenCache:
             if shareable:
                 flight.entry = result
             return result
-        except IntrospectionError as err:
-            flight.error = err
+        except Exception as err:
+            # Waiters share the failure, whatever it was (a leader out of time
+            # included): asking again at once would only pile onto a failing IdP.
+            flight.error = err if isinstance(err, IntrospectionError) else IntrospectionError(
+                "a concurrent introspection failed (%s)" % type(err).__name__)
             raise
         finally:
             with self._lock:
