@@ -690,6 +690,9 @@ def test_channel_delivers_messages_and_reports_a_lost_subscription(redis_disposa
         assert got[-1] is None
         server.restart()
         wait_until(lambda: store.subscribed, 10, "subscribed again")
+        thread = store._listen_thread
+        store.close()            # a replaced config: its listener thread ends
+        wait_until(lambda: not thread.is_alive(), 3, "listener thread stopped")
     finally:
         store.close()
         other.close()
