@@ -8,8 +8,8 @@ class _Ns:
 
 def fake_kong(headers=None, query=None, body=None, method="GET", path="/", host="api.test",
               ip="10.0.0.1"):
-    """``body``: raw bytes or str as the client sent them (the plugin reads the raw
-    body), or None for no body."""
+    """``body``: what Kong's get_body returns (a dict, or None for a body it cannot
+    read)."""
     calls = []
 
     def rec(name, value):
@@ -24,8 +24,7 @@ def fake_kong(headers=None, query=None, body=None, method="GET", path="/", host=
     kong.request.get_headers = rec("get_headers", {k.lower(): v if isinstance(v, list) else [v]
                                                    for k, v in (headers or {}).items()})
     kong.request.get_query = rec("get_query", query or {})
-    raw = body.encode() if isinstance(body, str) else body
-    kong.request.get_raw_body = rec("get_raw_body", raw)
+    kong.request.get_body = rec("get_body", body)
     kong.request.get_method = rec("get_method", method)
     kong.request.get_path = rec("get_path", path)
     kong.request.get_host = rec("get_host", host)

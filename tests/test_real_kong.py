@@ -198,7 +198,11 @@ def test_hiding_a_query_token_keeps_every_other_argument(kong, idp):
     r = kong.request(inst, "GET", "/", query=raw)
     assert r.status == 200, r
     assert "access_token" not in r.upstream.raw_query
-    assert r.upstream.raw_query == "&".join(args + ["flag", "e="])
+    # Kong 3.9 re-serializes the query it edits (a bare flag becomes "flag="):
+    # what counts is that every other argument, the 101st and on included, is there.
+    expected = {"a%d" % i: str(i) for i in range(130)}
+    assert {k: v for k, v in r.upstream.query.items() if k.startswith("a")} == expected
+    assert "flag" in r.upstream.query and r.upstream.query["e"] == ""
 
 
 def test_hiding_a_body_token_keeps_every_other_field_and_file(kong, idp):

@@ -1,15 +1,14 @@
-"""Request bodies, read from the raw bytes: find a field, or remove exactly it.
+"""Request bodies: remove exactly one field, keeping everything else.
 
-Kong's ``get_body`` parses at most 100 form arguments and fails (``None``) for
-bodies it cannot decode, and rebuilding a body from such a read loses what it did
-not see. Working on ``get_raw_body`` instead sees every field and, to hide a
-token, cuts out just that field's bytes: every other field and file reaches the
-upstream byte for byte.
+Rebuilding a body from Kong's parse (``get_body``, capped and lossy for files)
+would lose what it did not return. To hide a token, this cuts just that field's
+bytes out of the raw body: every other field and file reaches the upstream byte
+for byte (a JSON body is re-serialized without the key).
 """
 
 import json
 import re
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
 FORM = "application/x-www-form-urlencoded"
@@ -70,28 +69,6 @@ def _multipart_parts(raw: bytes, content_type: str):
         if sep and name and not _FILENAME.search(head):
             parts.append((pos, nxt + 2, _text(name.group(1)), _text(value)))
         pos = nxt + 2
-
-
-def field_values(raw: Optional[bytes], content_type: Optional[str],
-                 name: str) -> Optional[List[Any]]:
-    """Every value of field ``name``; None when the body is absent or unreadable."""
-    if not raw:
-        return None
-    media = kind(content_type)
-    if media == FORM:
-        return [v for _, _, k, v in _form_pairs(raw) if k == name]
-    if media == MULTIPART:
-        parts = _multipart_parts(raw, content_type or "")
-        return None if parts is None else [v for _, _, k, v in parts if k == name]
-    if media == JSON:
-        try:
-            doc = json.loads(raw)
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(doc, dict):
-            return None
-        return [doc[name]] if name in doc else []
-    return None
 
 
 def without_field(raw: bytes, content_type: Optional[str], name: str) -> Optional[bytes]:
