@@ -53,7 +53,7 @@ def _multipart_parts(raw: bytes, content_type: str):
     pos = raw.find(delimiter)
     if pos < 0:
         return None
-    parts = []
+    parts: List[Tuple[int, int, str, str]] = []
     while True:
         after = pos + len(delimiter)
         if raw[after:after + 2] == b"--":

@@ -301,7 +301,7 @@ class _Arg(NamedTuple):
 class _Signature(NamedTuple):
     node: type
     params: str    # for messages
-    count: int     # number of arguments, key included
+    arity: int     # number of arguments, key included
     variadic: bool  # count is a minimum
 
 
@@ -340,10 +340,10 @@ def _unclosed(text, loc, toks):
 def _function(text, loc, toks):
     name, args, close = toks[0], list(toks[1:-1]), toks[-1]
     sig = _FUNCTIONS[name]
-    if len(args) < sig.count or (len(args) > sig.count and not sig.variadic):
+    if len(args) < sig.arity or (len(args) > sig.arity and not sig.variadic):
         at_least = "at least " if sig.variadic else ""
-        where = close if len(args) < sig.count else args[sig.count].loc
-        _fail(text, where, f"{name} takes {at_least}{sig.count} arguments "
+        where = close if len(args) < sig.arity else args[sig.arity].loc
+        _fail(text, where, f"{name} takes {at_least}{sig.arity} arguments "
                            f"({sig.params}), got {len(args)}")
     key = parse_path(args[0].text)
     if "" in key:

@@ -268,22 +268,22 @@ class _Access:
     def send_upstream(self, values: Dict[str, str]) -> None:
         """One set_headers call (identity headers, hidden token), then, only when the
         token must be hidden from the query or body, one targeted write."""
-        kong, found, req = self.kong, self.found, self.req
-        hide = found is not None and self.conf.hide_credentials
+        kong, req = self.kong, self.req
+        found = self.found if self.conf.hide_credentials else None
         remove = list(self.rt.strip)
-        if hide and found.where == "header":
+        if found is not None and found.where == "header":
             remove.append(found.name)
-        elif hide and found.where == "cookie":
+        elif found is not None and found.where == "cookie":
             rest = "; ".join(filter(None, (without_cookie(h, found.name)
                                            for h in req.headers.get("cookie", []))))
             values = dict(values, Cookie=rest) if rest else values
             if not rest:
                 remove.append("cookie")
         kong.service.request.set_headers(self.rt.headers.table(req.headers, values, remove))
-        if hide and found.where == "query":
+        if found is not None and found.where == "query":
             # Removes every copy of that one argument; the others, seen or not, stay.
             kong.service.request.clear_query_arg(found.name)
-        elif hide and found.where == "body":
+        elif found is not None and found.where == "body":
             raw = req.raw_body
             rest_body = body.without_field(raw, req.header("content-type"), found.name) \
                 if raw else None

@@ -15,7 +15,7 @@ parameter and cookie, in that order.
 """
 
 import re
-from typing import Any, List, NamedTuple, Optional
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 from .config import TokenSource
 from .request import IncomingRequest
@@ -89,6 +89,7 @@ def without_cookie(header: str, name: str) -> str:
 class TokenFinder:
     def __init__(self, source: TokenSource):
         self.source = source
+        self._schemes: Tuple[str, ...]
         if source.configured:
             scheme = source.header_auth_scheme
             self._schemes = (scheme.lower(),) if scheme else ()

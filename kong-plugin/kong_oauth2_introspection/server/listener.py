@@ -229,7 +229,7 @@ class PluginServer:
             "plugin.InstanceStatus": self._instance_status,
             "plugin.GetStatus": self._get_status,
             "plugin.GetPluginInfo": self._get_plugin_info,
-            "plugin.SetPluginDir": lambda conn, msgid, arg: conn.reply(msgid, None, "ok"),
+            "plugin.SetPluginDir": self._set_plugin_dir,
         }
 
     # -- dispatch ------------------------------------------------------------------
@@ -430,6 +430,9 @@ class PluginServer:
             {"Name": i.name, "Id": i.id, "StartTime": i.started}
             for i in self.instances.values() if i.name == name]} for name in self.plugins}
         conn.reply(msgid, None, {"Pid": os.getpid(), "Plugins": status})
+
+    def _set_plugin_dir(self, conn: _Connection, msgid: Any, arg: Any) -> None:
+        conn.reply(msgid, None, "ok")  # nothing to load: the plugins are built in
 
     def _get_plugin_info(self, conn: _Connection, msgid: Any, arg: Any) -> None:
         cls = self.plugins.get(arg)  # type: ignore[call-overload]
