@@ -283,3 +283,19 @@ def test_installed_command_reads_standard_input():
     assert result.returncode == 0 and "1 oauth2-introspection entry, all valid" in result.stdout
     empty = _command("-", stdin="")
     assert empty.returncode == 1 and "all valid" not in empty.stdout
+
+
+def test_a_timeout_and_retries_that_cannot_fit_the_request_deadline_are_refused(tmp_path):
+    # Kong's schema bounds timeout to 30 s (one attempt fits); only check can judge
+    # the product: 4 attempts of 10 s plus backoff cannot fit the 30 s deadline.
+    path = tmp_path / "kong.yml"
+    base = "_format_version: '3.0'\nplugins:\n- name: oauth2-introspection\n  config:\n" \
+           "    introspection_url: http://idp/i\n    authorization_value: Basic x\n"
+    path.write_text(base + "    timeout: 10000\n    max_retries: 3\n")
+    run = subprocess.run([COMMAND, "check", str(path)], capture_output=True, text=True)
+    assert run.returncode == 1 and "request deadline" in run.stdout
+    path.write_text(base + "    timeout: 10000\n    max_retries: 1\n")
+    assert subprocess.run([COMMAND, "check", str(path)], capture_output=True).returncode == 0
+    path.write_text(base + "    timeout: 30001\n")
+    run = subprocess.run([COMMAND, "check", str(path)], capture_output=True, text=True)
+    assert run.returncode == 1 and "config.timeout" in run.stdout

@@ -62,12 +62,12 @@ def threads(pid):
 # -- 1. one deadline per request ----------------------------------------------------------
 
 @pytest.mark.parametrize("reply, conf", [
-    # 60 s per attempt and three retries: only the deadline can stop it
-    (Reply(200, {"active": True}, delay=20), {"timeout": 60000, "max_retries": 3}),
+    # 30 s per attempt and three retries: only the deadline can stop it
+    (Reply(200, {"active": True}, delay=20), {"timeout": 30000, "max_retries": 3}),
     # a slow drip: every byte arrives well within the per-read timeout
-    (Reply(200, {"active": True, "pad": "x" * 200}, drip=0.05), {"timeout": 60000}),
+    (Reply(200, {"active": True, "pad": "x" * 200}, drip=0.05), {"timeout": 30000}),
     # 5xx answered slowly, retried until the budget is gone
-    (Reply(503, {}, delay=1.0), {"timeout": 60000, "max_retries": 10}),
+    (Reply(503, {}, delay=1.0), {"timeout": 30000, "max_retries": 10}),
 ])
 def test_the_deadline_bounds_the_whole_request(kong3, reply, conf):
     with IdPDouble(lambda f, h: reply) as idp:

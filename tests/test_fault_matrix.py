@@ -118,7 +118,7 @@ def test_idp_faults(kong, row):
         record(row, *load(kong, lambda: inst))
         return
     with IdPDouble(lambda f, h: reply) as idp:
-        inst = kong.configure(config(idp.url, timeout=60000 if "slow" in row else 2000))
+        inst = kong.configure(config(idp.url, timeout=30000 if "slow" in row else 2000))
         results, lost, took = load(kong, lambda: inst)
     counts = record(row, results, lost, took)
     assert counts[500] == len(results), counts   # the documented failure answer, every time

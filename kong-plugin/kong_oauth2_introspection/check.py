@@ -39,13 +39,18 @@ DeepCheck = Callable[[Dict[str, Any]], List[Violation]]
 
 
 def _introspection() -> Tuple[PluginSchema, DeepCheck]:
-    from .config import Config, ConfigError
+    from .config import REQUEST_DEADLINE, Config, ConfigError
 
     def deep(config: Dict[str, Any]) -> List[Violation]:
         try:
-            Config.parse(config)
+            conf = Config.parse(config)
         except ConfigError as err:
             return [Violation(err.field, err.message)]
+        if conf.worst_case > REQUEST_DEADLINE:
+            # Kong cannot check a product; the plugin server would cut it short.
+            return [Violation("config.max_retries", "timeout x (max_retries + 1) plus backoff "
+                              "is %.1f s, more than the %g s request deadline: the last "
+                              "retries could never run" % (conf.worst_case, REQUEST_DEADLINE))]
         return []
     return load(NAME), deep
 

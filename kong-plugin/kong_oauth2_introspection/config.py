@@ -9,6 +9,12 @@ from . import claims as claims_language
 from . import schema
 from .templates import Template, TemplateError
 
+# Retry backoff of the IdP call: BACKOFF_BASE * 2**attempt seconds, at most BACKOFF_MAX.
+BACKOFF_BASE = 0.05
+BACKOFF_MAX = 1.0
+# The plugin server's default per-request deadline (server/listener.py).
+REQUEST_DEADLINE = 30.0
+
 # RFC 7230 token: what a header name may be.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
@@ -71,6 +77,13 @@ class Config:
     store: Optional[Dict[str, Any]] = field(default=None, repr=False)
     # Headers the plugin may set upstream: a client-sent copy is always dropped.
     owned_headers: FrozenSet[str] = frozenset()
+
+    @property
+    def worst_case(self) -> float:
+        """Seconds the IdP call may take with every retry and backoff."""
+        attempts = self.max_retries + 1
+        backoff = sum(min(BACKOFF_MAX, BACKOFF_BASE * 2 ** a) for a in range(self.max_retries))
+        return self.timeout * attempts + backoff
 
     @classmethod
     def parse(cls, raw: Any) -> "Config":

@@ -20,12 +20,10 @@ import time
 from typing import Any, Dict, NamedTuple, Optional
 
 from .concurrency import DeadlineExceeded, current_deadline
-from .config import Config
+from .config import BACKOFF_BASE, BACKOFF_MAX, Config
 from .httpclient import HTTPClient, HTTPFailure
 
 MAX_ANSWER_BYTES = 1024 * 1024
-_BACKOFF_BASE = 0.05
-_BACKOFF_MAX = 1.0
 
 
 class IntrospectionError(Exception):
@@ -161,7 +159,7 @@ class Introspector:
                 failure = "answered HTTP %d" % reply.status
             if attempt >= self.max_retries:
                 raise IntrospectionError("introspection endpoint " + failure)
-            pause = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
+            pause = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
             if deadline is not None and deadline.remaining() <= pause:
                 raise IntrospectionError("introspection endpoint %s; no time left to retry"
                                          % failure)

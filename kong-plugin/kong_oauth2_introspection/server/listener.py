@@ -39,13 +39,14 @@ import msgpack
 from kong_pdk.exception import PDKException
 
 from ..concurrency import Deadline, DeadlineExceeded, deadline_scope
+from ..config import REQUEST_DEADLINE
 from ..log import LOG, Log
 
 RET = "ret"
 TERMINAL = frozenset({"kong.response.exit", "kong.response.error"})
 FAILURE_ANSWER = {"Method": "kong.response.exit",
                   "Args": [500, {"message": "An unexpected error occurred"}]}
-DEFAULT_DEADLINE = 30.0
+DEFAULT_DEADLINE = REQUEST_DEADLINE
 MAX_DEADLINE = 50.0        # Kong gives up (and fails open) after 60 s
 DEFAULT_WORKERS = 256      # concurrent blocking calls (IdP misses, Redis, Admin API)
 MAX_INSTANCES = 4096       # Kong never closes instances of a worker that died
