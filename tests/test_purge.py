@@ -164,6 +164,10 @@ def test_usage_errors_and_no_store():
     assert out.returncode == 2
     assert run_purge({"introspection_url": "http://x/i", "authorization_value": "v"},
                      "--sub", "a", "--all").returncode == 2
+    vaulted = run_purge({"introspection_url": "http://x/i",
+                         "authorization_value": "{vault://env/idp-auth}",
+                         "store": {"redis": {"endpoints": ["127.0.0.1:1"]}}}, "--all")
+    assert vaulted.returncode == 2 and "vault" in vaulted.stderr
 
 
 def test_purge_with_sentinel(two, redis_sentinel):

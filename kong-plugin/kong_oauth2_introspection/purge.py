@@ -14,7 +14,9 @@ Usage::
 
 ``--config`` is one plugin config (the ``config`` object of the plugin entry);
 ``--kong-yml`` takes every oauth2-introspection entry of a declarative config,
-and purges each distinct store once. The command needs the config because the
+and purges each distinct store once. Kong vault references (``{vault://...}``)
+are refused: only Kong can resolve them, and a wrong ``authorization_value``
+would purge nothing without a word. The command needs the config because the
 plugin's cache keys are HMACs keyed with what identifies the IdP (URL,
 ``authorization_value``, ...): ``--token`` is hashed here, and the token never
 travels. Prefer ``--token-stdin``, which keeps the token out of the process list
@@ -101,6 +103,17 @@ def _configs(args) -> List[Dict[str, Any]]:
             if entry.get("name") == NAME]
 
 
+def _vault_reference(value: Any) -> bool:
+    """Does the config hold a Kong vault reference (which only Kong can resolve)?"""
+    if isinstance(value, str):
+        return value.startswith("{vault://")
+    if isinstance(value, dict):
+        return any(_vault_reference(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_vault_reference(v) for v in value)
+    return False
+
+
 def _targets(raw_configs) -> List[Tuple[Any, Any]]:
     """(parsed config, store) per distinct store and IdP identity."""
     from .config import Config
@@ -157,7 +170,17 @@ def main(argv=None) -> int:
             print("purge: no token on standard input", file=sys.stderr)
             return USAGE_EXIT
     try:
-        targets = _targets(_configs(args))
+        configs = _configs(args)
+    except Exception as err:  # noqa: BLE001 - its text may hold config secrets
+        print("purge: cannot read the configuration (%s)" % type(err).__name__, file=sys.stderr)
+        return USAGE_EXIT
+    if any(_vault_reference(c) for c in configs):
+        # A wrong authorization_value would give other cache keys: a silent miss.
+        print("purge: the configuration holds {vault://...} references; give the resolved "
+              "values with --config", file=sys.stderr)
+        return USAGE_EXIT
+    try:
+        targets = _targets(configs)
     except Exception as err:  # noqa: BLE001 - its text may hold config secrets
         print("purge: cannot use the configuration (%s)" % type(err).__name__, file=sys.stderr)
         return USAGE_EXIT
