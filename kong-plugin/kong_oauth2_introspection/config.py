@@ -6,7 +6,9 @@ from typing import Any, Dict, FrozenSet, Optional, Tuple
 from urllib.parse import urlsplit
 
 from . import claims as claims_language
+from . import resource_metadata as metadata
 from . import schema
+from .requirements import Requirements, any_of
 from .templates import Template, TemplateError
 
 # Retry backoff of the IdP call: BACKOFF_BASE * 2**attempt seconds, at most BACKOFF_MAX.
@@ -77,6 +79,8 @@ class Config:
     store: Optional[Dict[str, Any]] = field(default=None, repr=False)
     # Headers the plugin may set upstream: a client-sent copy is always dropped.
     owned_headers: FrozenSet[str] = frozenset()
+    requirements: Requirements = Requirements()
+    resource_metadata: Optional[metadata.ResourceMetadata] = None
 
     @property
     def worst_case(self) -> float:
@@ -141,6 +145,18 @@ class Config:
         if not (store["redis"]["endpoints"] or []):
             store = None
 
+        requirements = Requirements(
+            scopes=any_of(c["scopes_required"] or ()),
+            audiences=any_of(c["audience_required"] or ()),
+            issuers=frozenset(c["issuers_allowed"] or ()))
+        if not all(metadata.safe(scope) for needed in requirements.scopes for scope in needed):
+            raise ConfigError("config.scopes_required", "a scope may not hold a quote or a "
+                              "backslash (RFC 6749 section 3.3)")
+        try:
+            resource_metadata = metadata.build(c["resource_metadata"], source)
+        except metadata.MetadataError as err:
+            raise ConfigError("config.resource_metadata." + err.field, str(err)) from None
+
         claims_forward = tuple(c["custom_claims_forward"])
         owned = {"x-consumer-id", "x-consumer-custom-id", "x-consumer-username",
                  "x-anonymous-consumer"}
@@ -170,6 +186,8 @@ class Config:
             stale_if_error=float(c["stale_if_error"]),
             store=store,
             owned_headers=frozenset(owned),
+            requirements=requirements,
+            resource_metadata=resource_metadata,
         )
 
 

@@ -19,6 +19,7 @@ import time
 from typing import Any, Dict, Optional
 
 from . import NAME, PRIORITY, VERSION, body, responses
+from . import requirements as required
 from . import schema as schema_module
 from . import breaker as breakers
 from .cache import Policy, TokenCache
@@ -87,6 +88,9 @@ class Runtime:
                              wait=conf.timeout * (conf.max_retries + 1),
                              breaker=breakers.for_endpoint(conf.introspection_url, LOG))
         self.strip = () if conf.forward_authorization else ("authorization",)
+        metadata = conf.resource_metadata
+        self.answers = responses.Answers(metadata.url if metadata else None,
+                                         conf.requirements.scope_hint)
 
     def close(self) -> None:
         self.introspector.close()
@@ -173,9 +177,16 @@ class _Access:
         self.kong = kong
 
     def run(self) -> None:
-        conf, kong = self.conf, self.kong
+        conf, kong, answers = self.conf, self.kong, self.rt.answers
         try:
             req = self.req = IncomingRequest(kong)
+            metadata = conf.resource_metadata
+            # One more round trip (the path), only when metadata is configured.
+            if metadata is not None and req.path == metadata.path \
+                    and metadata.answers(req.method, req.path):
+                # Public by design (RFC 9728): no token needed to learn how to get one.
+                return kong.response.exit(200, metadata.document,
+                                          {"Content-Type": "application/json"})
             if not conf.run_on_preflight and req.method == "OPTIONS":
                 # The one pass without authentication (the guard knows it too).
                 return kong.service.request.set_headers(self.rt.headers.table(req.headers, {}))
@@ -185,23 +196,30 @@ class _Access:
             self.found = self.rt.tokens.find(req)
         except Uninspectable as why:
             kong.log.info(LOG_PREFIX + "request refused: %s" % why)
-            return _exit(kong, responses.BAD_REQUEST)
+            return _exit(kong, answers.BAD_REQUEST)
         except MalformedToken as why:
             kong.log.info(LOG_PREFIX + "unusable token: %s" % why)
             if why.ambiguous:
-                return _exit(kong, responses.BAD_REQUEST)
-            return self.refuse(responses.INVALID_TOKEN)
+                return _exit(kong, answers.BAD_REQUEST)
+            return self.refuse(answers.INVALID_TOKEN)
         if self.found is None:
-            return self.refuse(responses.MISSING_TOKEN)
+            return self.refuse(answers.MISSING_TOKEN)
 
         claims = self.introspect(self.found.token)
         if claims is None:
             return _exit(kong, responses.SERVER_ERROR)
         if not usable(claims, time.time()):
-            return self.refuse(responses.INVALID_TOKEN)
-        if conf.claims is not None and not conf.claims.evaluate(claims):
+            return self.refuse(answers.INVALID_TOKEN)
+        failed = conf.requirements.failure(claims) if conf.requirements.configured else None
+        if failed in (required.ISSUER, required.AUDIENCE):
+            # A token meant for another resource: not a token for this one.
+            kong.log.info(LOG_PREFIX + "token refused: %s not allowed" % failed)
+            return self.refuse(answers.INVALID_TOKEN)
+        if failed == required.SCOPE:
             # Authorization, not authentication, failed: no anonymous fallback.
-            return _exit(kong, responses.INSUFFICIENT_SCOPE)
+            return _exit(kong, answers.MISSING_SCOPE)
+        if conf.claims is not None and not conf.claims.evaluate(claims):
+            return _exit(kong, answers.INSUFFICIENT_SCOPE)
 
         try:
             consumer = self.rt.consumers.for_claims(kong, claims)

@@ -1,6 +1,6 @@
 """The answers the plugin gives a client it refuses, per RFC 6750 section 3."""
 
-from typing import Dict, NamedTuple
+from typing import Dict, NamedTuple, Optional
 
 REALM = 'Bearer realm="service"'
 
@@ -29,3 +29,25 @@ INSUFFICIENT_SCOPE = _bearer(403, "insufficient_scope",
                              "The access token does not grant access to this resource")
 # Never the IdP's words: what went wrong is in the log, not in the answer.
 SERVER_ERROR = Refusal(500, {"message": "An unexpected error occurred"}, {})
+
+
+def _with_params(refusal: Refusal, params: str) -> Refusal:
+    challenge = refusal.headers["WWW-Authenticate"] + params
+    return refusal._replace(headers=dict(refusal.headers, **{"WWW-Authenticate": challenge}))
+
+
+class Answers:
+    """One config's refusals: the constants above, plus the auth-params that config
+    adds to every challenge (RFC 9728 ``resource_metadata``) and the ``scope`` a
+    failed ``scopes_required`` names (RFC 6750 section 3)."""
+
+    def __init__(self, metadata_url: Optional[str] = None, scope: Optional[str] = None):
+        # Our URLs and scope tokens hold no quote or backslash (config checks it).
+        params = f', resource_metadata="{metadata_url}"' if metadata_url else ""
+        self.MISSING_TOKEN = _with_params(MISSING_TOKEN, params)
+        self.INVALID_TOKEN = _with_params(INVALID_TOKEN, params)
+        self.BAD_REQUEST = _with_params(BAD_REQUEST, params)
+        self.INSUFFICIENT_SCOPE = _with_params(INSUFFICIENT_SCOPE, params)
+        self.MISSING_SCOPE = _with_params(INSUFFICIENT_SCOPE, (
+            f', scope="{scope}"' if scope else "") + params)
+        self.SERVER_ERROR = SERVER_ERROR
