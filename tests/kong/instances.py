@@ -70,7 +70,7 @@ class Instances(object):
         if old_id is not None:
             try:
                 rpc.call("plugin.CloseInstance", old_id)
-            except RpcError:
+            except (RpcError, LuaError):
                 pass
         return new_id
 

@@ -116,13 +116,22 @@ class Rpc(object):
                 if not chunk:
                     raise RpcError("no data")
                 unpacker.feed(chunk)
-                for msg in unpacker:
+                try:
+                    msgs = list(unpacker)
+                except ValueError as e:   # lua-MessagePack error()s on bytes it cannot decode
+                    raise LuaError("msgpack: %s" % e)
+                for msg in msgs:
+                    if not isinstance(msg, (list, tuple)) or len(msg) < 3:
+                        raise LuaError("RPC response expected from Go plugin server")
                     if msg[0] == 2:
                         if self.on_notification is not None:
                             self.on_notification(msg[1], msg[2])
                         continue
-                    if msg[0] != 1 or msg[1] != msg_id:
-                        raise RpcError("unexpected RPC response ID from Go plugin server")
+                    # Rpc:call assert()s these: a Lua error, hence 500, not a fail-open
+                    if msg[0] != 1 or len(msg) < 4:
+                        raise LuaError("RPC response expected from Go plugin server")
+                    if msg[1] != msg_id:
+                        raise LuaError("unexpected RPC response ID from Go plugin server")
                     with self._lock:
                         self._pool.append(c)
                     c = None
