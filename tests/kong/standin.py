@@ -76,6 +76,13 @@ def _scope_id(value: Union[None, bool, str], default: str) -> Optional[str]:
 
 
 class KongStandIn(object):
+    """Options: ``env`` (what ``env VAR=... cmd`` would pass; ``inherit_env`` to
+    pass the test's whole environment), ``rpc_timeout`` (60 s, the cosocket
+    default), ``kong_version`` ("3.9"; "2.8" answers ``nil, err`` with StepError),
+    ``client_body_buffer_size`` (8192), ``fail_open`` ("raise" or "record"),
+    ``instance_claim_wait`` (10 s), ``respawn`` (worker 0 respawns the server),
+    ``post_function`` (guard chunks), ``socket_name`` (default ``<first plugin>``)."""
+
     def __init__(self, command: Sequence[str], *, env: Optional[Dict[str, str]] = None,
                  rpc_timeout: float = 60.0, start_timeout: float = 20.0,
                  kong_version: str = "3.9", client_body_buffer_size: int = DEFAULT_BODY_BUFFER,
