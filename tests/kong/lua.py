@@ -196,7 +196,7 @@ def lua_pattern_to_regex(pat: str) -> str:
                 i += 1
         elif c == "-":
             out.append("*?")
-        elif c == "." :
+        elif c == ".":
             out.append("[\\s\\S]")   # Lua's '.' matches any byte, newlines included
         elif c in "|{}\\":
             out.append("\\" + c)
