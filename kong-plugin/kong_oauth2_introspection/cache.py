@@ -50,6 +50,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from cachetools import TLRUCache
 
+from . import metrics
 from .concurrency import Deadline, current_deadline, deadline_scope
 from .introspection import Answer, IntrospectionError
 
@@ -169,6 +170,7 @@ class TokenCache:
         with self._lock:
             entry = self._local.get(key)
         if entry is not None and policy.fresh_until(entry) > self.clock():
+            metrics.cache("hit")
             return entry
         return None
 
@@ -192,6 +194,7 @@ class TokenCache:
         with self._lock:
             entry = self._local.get(key)
             if entry is not None and policy.fresh_until(entry) > now:
+                metrics.cache("hit")
                 return entry
             flight = self._flights.get(key)
             leader = flight is None
@@ -201,6 +204,7 @@ class TokenCache:
         if not leader:
             if flight.done.wait(_wait_bound(policy, deadline)):
                 if flight.entry is not None:
+                    metrics.cache("coalesced")
                     return flight.entry
                 if flight.error is not None:
                     return self._failed(flight.error, entry, policy)
@@ -259,6 +263,7 @@ class TokenCache:
                     continue    # lease expired unannounced (holder died): take it over
                 outcome, entry = waiter.outcome, waiter.entry
                 if outcome in (STORED, INACTIVE) and entry is not None:
+                    metrics.cache("coalesced")
                     return entry, True
                 if outcome == FAILED:
                     return self._failed(IntrospectionError(
@@ -287,6 +292,7 @@ class TokenCache:
         """Ask the IdP; keep and (when leading across processes) announce the result.
         Returns the entry and whether waiters may share it."""
         store = self.store
+        metrics.cache("miss")
         outcome, blob = FAILED, None
         try:
             try:
@@ -345,6 +351,7 @@ class TokenCache:
 
     def _failed(self, err: Exception, stale: Optional[Entry], policy: Policy) -> Entry:
         if stale is not None and policy.stale_until(stale) > self.clock():
+            metrics.cache("stale")
             return stale
         raise err
 
@@ -355,6 +362,7 @@ class TokenCache:
             return None
         with self._lock:
             self._local[key] = entry
+        metrics.cache("shared_hit")
         return entry
 
     # -- announcements from other processes (on the store's listener thread) -------

@@ -18,7 +18,7 @@ import json
 import time
 from typing import Any, Dict, Optional
 
-from . import NAME, PRIORITY, VERSION, body, responses
+from . import NAME, PRIORITY, VERSION, body, metrics, responses, tracing
 from . import requirements as required
 from . import schema as schema_module
 from . import breaker as breakers
@@ -42,9 +42,12 @@ LOG_PREFIX = NAME + ": "
 def idp_identity(conf: Config, static_headers: Dict[str, str]) -> str:
     """Exactly what changes the IdP's answer about a token: configs that agree
     here may share answers; the HMAC of every cache key is keyed with it."""
-    return json.dumps([conf.introspection_url, conf.authorization_value,
-                       certificate_fingerprint(conf.client_tls.cert), conf.token_type_hint,
-                       static_headers], sort_keys=True)
+    identity = [conf.introspection_url, conf.authorization_value,
+                certificate_fingerprint(conf.client_tls.cert), conf.token_type_hint,
+                static_headers]
+    if conf.client_auth is not None:
+        identity.append(conf.client_auth.identity())
+    return json.dumps(identity, sort_keys=True)
 
 
 class SharedCache:
@@ -152,13 +155,16 @@ class Plugin:
             runtime = self._runtime
             if isinstance(runtime, Unusable):
                 kong.log.err(LOG_PREFIX + "unusable config: %s" % runtime.error)
+                metrics.decision(metrics.ERROR, "unusable_config")
                 return _exit(kong, responses.SERVER_ERROR)
             _Access(runtime, kong).run()
         except DeadlineExceeded:
             kong.log.err(LOG_PREFIX + "request deadline exceeded")
+            metrics.decision(metrics.ERROR, "deadline")
             _exit(kong, responses.SERVER_ERROR)
         except Exception as err:  # noqa: BLE001 - the last line of defence
             kong.log.err(LOG_PREFIX + "internal error: %s" % type(err).__name__)
+            metrics.decision(metrics.ERROR, "internal")
             _exit(kong, responses.SERVER_ERROR)
 
 
@@ -185,21 +191,26 @@ class _Access:
             if metadata is not None and req.path == metadata.path \
                     and metadata.answers(req.method, req.path):
                 # Public by design (RFC 9728): no token needed to learn how to get one.
+                metrics.decision(metrics.PASSED, "resource_metadata")
                 return kong.response.exit(200, metadata.document,
                                           {"Content-Type": "application/json"})
             if not conf.run_on_preflight and req.method == "OPTIONS":
                 # The one pass without authentication (the guard knows it too).
+                metrics.decision(metrics.PASSED, "preflight")
                 return kong.service.request.set_headers(self.rt.headers.table(req.headers, {}))
             if conf.anonymous and kong.client.get_credential():
                 # Another authentication plugin already succeeded: logical OR.
+                metrics.decision(metrics.PASSED, "other_credential")
                 return kong.service.request.set_headers(self.rt.headers.extras_table(req.headers))
             self.found = self.rt.tokens.find(req)
         except Uninspectable as why:
             kong.log.info(LOG_PREFIX + "request refused: %s" % why)
+            metrics.decision(metrics.REFUSED, "malformed_request")
             return _exit(kong, answers.BAD_REQUEST)
         except MalformedToken as why:
             kong.log.info(LOG_PREFIX + "unusable token: %s" % why)
             if why.ambiguous:
+                metrics.decision(metrics.REFUSED, "malformed_request")
                 return _exit(kong, answers.BAD_REQUEST)
             return self.refuse(answers.INVALID_TOKEN)
         if self.found is None:
@@ -207,6 +218,7 @@ class _Access:
 
         claims = self.introspect(self.found.token)
         if claims is None:
+            metrics.decision(metrics.ERROR, "idp_unavailable")
             return _exit(kong, responses.SERVER_ERROR)
         if not usable(claims, time.time()):
             return self.refuse(answers.INVALID_TOKEN)
@@ -217,14 +229,17 @@ class _Access:
             return self.refuse(answers.INVALID_TOKEN)
         if failed == required.SCOPE:
             # Authorization, not authentication, failed: no anonymous fallback.
+            metrics.decision(metrics.REFUSED, "insufficient_scope")
             return _exit(kong, answers.MISSING_SCOPE)
         if conf.claims is not None and not conf.claims.evaluate(claims):
+            metrics.decision(metrics.REFUSED, "insufficient_scope")
             return _exit(kong, answers.INSUFFICIENT_SCOPE)
 
         try:
             consumer = self.rt.consumers.for_claims(kong, claims)
         except ConsumerLookupError as err:
             kong.log.err(LOG_PREFIX + str(err))
+            metrics.decision(metrics.ERROR, "consumer_lookup")
             return _exit(kong, responses.SERVER_ERROR)
 
         values = credential_headers(conf, claims)
@@ -242,6 +257,7 @@ class _Access:
                 kong.log.set_serialize_value("authenticated_entity.username",
                                              credential["username"])
         kong.client.authenticate(consumer, credential)
+        metrics.decision(metrics.ALLOWED, "active_token")
 
     def introspect(self, token: str) -> Optional[Dict[str, Any]]:
         """The IdP's claims about ``token`` (cached); None when it cannot be asked."""
@@ -254,7 +270,7 @@ class _Access:
         if entry is None:
             introspector = self.rt.introspector
             try:
-                entry = blocking(cache.get, key,
+                entry = blocking(tracing.bind(self.req.headers, cache.get), key,
                                  lambda: introspector.introspect(token, extra), policy)
             except (IntrospectionError, DeadlineExceeded) as err:
                 self.kong.log.err(LOG_PREFIX + (str(err) or type(err).__name__))
@@ -275,13 +291,16 @@ class _Access:
     def refuse(self, refusal: Refusal) -> None:
         conf, kong = self.conf, self.kong
         if not conf.anonymous:
+            metrics.decision(metrics.REFUSED, metrics.refusal_reason(refusal))
             return _exit(kong, refusal)
         consumer = self.rt.consumers.by_id_or_username(kong, conf.anonymous)
         if not consumer:
             kong.log.err(LOG_PREFIX + "anonymous consumer %r not found" % conf.anonymous)
+            metrics.decision(metrics.ERROR, "anonymous_not_found")
             return _exit(kong, responses.SERVER_ERROR)
         self.send_upstream(consumer_headers(consumer, anonymous=True))
         kong.client.authenticate(consumer, None)
+        metrics.decision(metrics.ANONYMOUS, metrics.refusal_reason(refusal))
 
     def send_upstream(self, values: Dict[str, str]) -> None:
         """One set_headers call (identity headers, hidden token), then, only when the

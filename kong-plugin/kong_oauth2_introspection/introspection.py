@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any, Dict, NamedTuple, Optional
 
+from . import metrics
 from .concurrency import DeadlineExceeded, current_deadline
 from .config import BACKOFF_BASE, BACKOFF_MAX, Config
 from .httpclient import HTTPClient, HTTPFailure
@@ -113,8 +114,10 @@ class Introspector:
         self.headers = {
             "Content-Type": "application/x-www-form-urlencoded",
             "Accept": "application/json",
-            "Authorization": conf.authorization_value,
         }
+        if conf.authorization_value:
+            self.headers["Authorization"] = conf.authorization_value
+        self.client_auth = conf.client_auth
         if conf.keepalive <= 0:
             self.headers["Connection"] = "close"
 
@@ -141,13 +144,19 @@ class Introspector:
         if self.token_type_hint:
             form["token_type_hint"] = self.token_type_hint
         headers = dict(self.headers, **extra_headers) if extra_headers else self.headers
+        if self.client_auth is not None:
+            headers = dict(headers)
         self._drop_idle_connections()
         deadline = current_deadline()
         attempt = 0
         while True:
+            if self.client_auth is not None:
+                # Per attempt: an assertion's jti may be used only once.
+                self.client_auth.apply(self.url, form, headers)
             try:
-                reply = self.http.request("POST", self.url, data=form, headers=headers,
-                                          timeout=self.timeout, max_bytes=MAX_ANSWER_BYTES)
+                reply = metrics.idp_request(self.http.request, "POST", self.url, data=form,
+                                            headers=headers,
+                                            timeout=self.timeout, max_bytes=MAX_ANSWER_BYTES)
             except DeadlineExceeded:
                 raise IntrospectionError("introspection endpoint did not answer within "
                                          "the request deadline") from None
@@ -155,7 +164,7 @@ class Introspector:
                 failure = str(err)
             else:
                 if reply.status < 500:
-                    return self._answer(reply)
+                    return metrics.idp_answer(self.url, self._answer, reply)
                 failure = "answered HTTP %d" % reply.status
             if attempt >= self.max_retries:
                 raise IntrospectionError("introspection endpoint " + failure)

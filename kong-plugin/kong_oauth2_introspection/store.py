@@ -60,6 +60,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from . import metrics
 from .concurrency import DeadlineExceeded, current_deadline
 
 NONCE_SIZE = 12
@@ -646,7 +647,7 @@ class RedisStore:
             client = self._connect()
             if client is None:
                 return failed
-            result = op(client)
+            result = metrics.redis_call(op, client)
         except Exception as err:
             self._failed(err)
             return failed

@@ -38,6 +38,7 @@ import greenlet
 import msgpack
 from kong_pdk.exception import PDKException
 
+from .. import metrics
 from ..concurrency import Deadline, DeadlineExceeded, deadline_scope
 from ..config import REQUEST_DEADLINE
 from ..log import LOG, Log
@@ -130,6 +131,7 @@ class _Event(greenlet.greenlet):
             self.exited = True
             self.parent.switch((_EXIT, {"Method": method, "Args": list(args)}))
             raise ResponseExited()
+        metrics.pdk_call()
         data, err = self.parent.switch((_CALL, {"Method": method, "Args": list(args)}))
         if err is not None:
             raise PDKError("%s failed: %s" % (method, err))
@@ -274,6 +276,7 @@ class PluginServer:
         if handler is None:
             conn.reply(msgid, None, {"Data": RET, "EventId": event_id})
             return
+        metrics.event()
         event = _Event(self, event_id, handler, Deadline(self.deadline))
         event.reply_to = (conn, msgid)
         self.events[event_id] = event
@@ -362,6 +365,7 @@ class PluginServer:
     def _expire(self, event: _Event) -> None:
         event.timer = None
         if event.parked is not None:
+            metrics.deadline_expired()
             event.parked = None
             self._drive(event, _EXPIRED)
 
