@@ -5,6 +5,7 @@
     kong-oauth2-introspection check FILE               a declarative config, offline
     kong-oauth2-introspection guard                    the Kong-side fail-closed guard
     kong-oauth2-introspection purge ...                drop cached answers cluster-wide
+    kong-oauth2-introspection health --url URL         is each config's IdP and Redis answering?
     kong-oauth2-introspection docs                     the option table (Markdown)
 
 kong-pdk's own command line is accepted as it is (``-kong-prefix DIR``, ``-dump``,
@@ -34,6 +35,7 @@ _DELEGATED: Dict[str, tuple] = {
     "check": ("check", "check the plugin entries of a declarative config (kong.yml) offline"),
     "guard": ("guard", "print the post-function guard that makes Kong fail closed"),
     "purge": ("purge", "drop cached introspection answers on every node sharing Redis"),
+    "health": ("health", "ask a running server whether each config's IdP and Redis answer"),
 }
 
 
@@ -86,6 +88,15 @@ def _serve_parser() -> argparse.ArgumentParser:
                              "event-driven")
     parser.add_argument("-m", "--multiprocessing", action="store_true",
                         help="refused: see the README's 'Which mode to run'")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus /metrics and /health on this loopback port "
+                             "(0: any free port, logged; default: off)")
+    parser.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
+                        help="loopback address for --metrics-port (default: %(default)s)")
+    parser.add_argument("--otlp-endpoint", default=None, metavar="URL",
+                        help="export OpenTelemetry spans over OTLP/HTTP to this URL (e.g. "
+                             "http://127.0.0.1:4318/v1/traces); OTEL_EXPORTER_OTLP_ENDPOINT "
+                             "also turns tracing on (default: off)")
     parser.add_argument("-dump", "--dump", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -114,10 +125,47 @@ def serve(argv: List[str]) -> int:
     if not os.path.isdir(args.prefix):
         _fail(f"kong prefix {args.prefix!r} is not a directory")
         return 2
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        _fail("--metrics-port must be between 0 and 65535")
+        return 2
+    from . import metrics, tracing
+    if not metrics.loopback(args.metrics_address):
+        _fail(f"--metrics-address {args.metrics_address!r} is not a loopback address: "
+              "metrics and health are served on this host only")
+        return 2
     LOG.threshold = 10 if args.verbose else 20
     server = PluginServer(_plugins(), deadline=deadline, workers=workers, log=LOG)
-    run(os.path.join(args.prefix, args.socket_name), server, backlog=args.listen_queue_size)
+    _observe(args, server, LOG)
+    try:
+        run(os.path.join(args.prefix, args.socket_name), server,
+            backlog=args.listen_queue_size)
+    finally:
+        tracing.shutdown()
     return 0
+
+
+def _observe(args: argparse.Namespace, server, log) -> None:
+    """Metrics and tracing, when asked for. Failing to start either is logged and
+    the server runs without it: refusing requests over telemetry would be worse."""
+    from . import metrics, tracing
+    if args.metrics_port is not None:
+        try:
+            _, port = metrics.serve_http(args.metrics_address, args.metrics_port, server)
+        except OSError as err:
+            log.err("metrics: cannot listen on %s:%d (%s); running without metrics"
+                    % (args.metrics_address, args.metrics_port, err.strerror or err))
+        else:
+            metrics.enable(server)
+            log.info("metrics: http://%s:%d/metrics and /health" % (args.metrics_address, port))
+    endpoint = tracing.configured_endpoint(args.otlp_endpoint)
+    if endpoint:
+        try:
+            tracing.enable(endpoint)
+        except ImportError:
+            log.err("tracing: the OpenTelemetry SDK is not installed (pip install "
+                    "'kong-oauth2-introspection[tracing]'); running without traces")
+        else:
+            log.info("tracing: spans exported to %s" % metrics.endpoint_label(endpoint))
 
 
 def _fail(message: str) -> None:
