@@ -111,10 +111,12 @@ class AuthServer:
     extra_clients: entries added to the defaults (or to `clients`).
     port: 0 (default) lets the server take a free port itself, without races.
     default_ttl: lifetime in seconds of tokens of clients with no own ttl.
+    tls: ``certs.make_ca_and_certs`` output: serve HTTPS with its server
+        certificate, take client certificates from its CA (tls_client_auth).
     """
 
     def __init__(self, clients=None, extra_clients=(), port=0, default_ttl=600,
-                 node=None):
+                 node=None, tls=None):
         entries = copy.deepcopy(list(DEFAULT_CLIENTS if clients is None else clients))
         entries += copy.deepcopy(list(extra_clients))
         self.clients = {c["client_id"]: c for c in entries}
@@ -133,6 +135,10 @@ class AuthServer:
         self._tmpdir = None
         self._stderr = None
         self._discovery = None
+        self.tls = tls
+        if tls:
+            self.session.verify = tls["ca_path"]
+            self.session.trust_env = False  # else REQUESTS_CA_BUNDLE overrides verify
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -152,6 +158,8 @@ class AuthServer:
             "port": self.requested_port,
             "default_ttl": self.default_ttl,
             "clients": list(self.clients.values()),
+            **({"tls": {"cert": self.tls["server_cert"], "key": self.tls["server_key"],
+                        "ca": self.tls["ca"]}} if self.tls else {}),
         }))
         # stderr goes to a file: never blocks the server, readable on failure
         self._stderr = open(Path(self._tmpdir.name) / "stderr.log", "w+b")
@@ -234,6 +242,9 @@ class AuthServer:
             self._tmpdir = None
         self.session.close()
         self.session = requests.Session()
+        if self.tls:
+            self.session.verify = self.tls["ca_path"]
+            self.session.trust_env = False
         self._discovery = None
 
     def __enter__(self):
@@ -255,7 +266,7 @@ class AuthServer:
     @property
     def issuer(self):
         self._require_started()
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def discovery(self):

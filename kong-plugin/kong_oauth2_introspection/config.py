@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from . import claims as claims_language
 from . import resource_metadata as metadata
 from . import schema
+from .client_auth import ClientAuth, ClientAuthError
 from .requirements import Requirements, any_of
 from .templates import Template, TemplateError
 
@@ -81,6 +82,7 @@ class Config:
     owned_headers: FrozenSet[str] = frozenset()
     requirements: Requirements = Requirements()
     resource_metadata: Optional[metadata.ResourceMetadata] = None
+    client_auth: Optional[ClientAuth] = field(default=None, repr=False)
 
     @property
     def worst_case(self) -> float:
@@ -141,6 +143,22 @@ class Config:
         if bool(client_tls.cert) != bool(client_tls.key):
             raise ConfigError("config.client_tls", "cert and key go together")
 
+        client_auth = None
+        method = c["introspection_endpoint_auth_method"]
+        if method and c["authorization_value"]:
+            raise ConfigError("config.authorization_value", "set it or "
+                              "introspection_endpoint_auth_method, not both")
+        if not method and not c["authorization_value"]:
+            raise ConfigError("config.authorization_value", "required unless "
+                              "introspection_endpoint_auth_method is set")
+        if method:
+            try:
+                client_auth = ClientAuth.build(method, c["client_id"], c["client_secret"],
+                                               c["client_jwk"], c["client_alg"],
+                                               bool(client_tls.cert))
+            except ClientAuthError as err:
+                raise ConfigError("config." + err.field, str(err)) from None
+
         store = c["store"]
         if not (store["redis"]["endpoints"] or []):
             store = None
@@ -163,7 +181,7 @@ class Config:
         owned.update(name.lower() for name, _ in forward)
         return cls(
             introspection_url=c["introspection_url"],
-            authorization_value=c["authorization_value"],
+            authorization_value=c["authorization_value"] or "",
             token_type_hint=c["token_type_hint"] or None,
             ttl=float(c["ttl"]),
             timeout=c["timeout"] / 1000.0,
@@ -188,6 +206,7 @@ class Config:
             owned_headers=frozenset(owned),
             requirements=requirements,
             resource_metadata=resource_metadata,
+            client_auth=client_auth,
         )
 
 

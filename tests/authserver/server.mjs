@@ -29,7 +29,13 @@
 //       "access_token_format": "jwt",   optional; tokens for its audiences are
 //                                   then JWTs (RFC 9068) signed with "jwt_alg"
 //       "jwt_alg": "ES256" | "RS256"    optional, default ES256
-//     }]
+//       "jwks": {"keys": [...]},    optional public keys (private_key_jwt)
+//       "tls_client_auth_subject_dn": "CN=name"   optional (tls_client_auth:
+//                                   the client certificate's CN must match)
+//     }],
+//     "tls": {"cert": PEM, "key": PEM, "ca": PEM}   optional: serve HTTPS,
+//                                   ask for client certificates (verified
+//                                   against "ca") and offer tls_client_auth
 //   }
 //
 // A token request may carry the header "X-Test-Token-TTL: <seconds>" to get a
@@ -38,9 +44,10 @@
 // When listening it prints "READY <port>" on stdout. It exits when stdin is
 // closed (the parent went away) or on SIGTERM / SIGINT.
 
-import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { X509Certificate, generateKeyPairSync, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:http';
+import { createServer as createTLSServer } from 'node:https';
 import process from 'node:process';
 
 import Provider, { errors } from 'oidc-provider';
@@ -120,6 +127,8 @@ for (const c of config.clients ?? []) {
     redirect_uris: [],
     token_endpoint_auth_method: c.token_endpoint_auth_method ?? 'client_secret_basic',
     ...(scopes.length ? { scope: scopes.join(' ') } : {}),
+    ...(c.jwks ? { jwks: c.jwks } : {}),
+    ...(c.tls_client_auth_subject_dn ? { tls_client_auth_subject_dn: c.tls_client_auth_subject_dn } : {}),
   });
 }
 
@@ -279,19 +288,45 @@ const providerConfiguration = {
   },
 };
 
+// Client authentication by certificate (RFC 8705), only when serving HTTPS.
+if (config.tls) {
+  providerConfiguration.clientAuthMethods = [
+    'client_secret_basic', 'client_secret_post', 'client_secret_jwt', 'private_key_jwt',
+    'none', 'tls_client_auth',
+  ];
+  providerConfiguration.features.mTLS = {
+    enabled: true,
+    tlsClientAuth: true,
+    getCertificate: (ctx) => {
+      const peer = ctx.socket.getPeerCertificate?.();
+      return peer?.raw ? new X509Certificate(peer.raw).toString() : undefined;
+    },
+    certificateAuthorized: (ctx) => ctx.socket.authorized === true,
+    certificateSubjectMatches: (ctx, property, expected) => (
+      property === 'tls_client_auth_subject_dn'
+      && expected === `CN=${ctx.socket.getPeerCertificate?.()?.subject?.CN}`),
+  };
+}
+
 let provider;
 let handler = (req, res) => {
   res.statusCode = 503;
   res.end();
 };
 
-const server = createServer((req, res) => handler(req, res));
+const server = config.tls
+  ? createTLSServer({
+    cert: config.tls.cert, key: config.tls.key, ca: config.tls.ca,
+    requestCert: true, rejectUnauthorized: false,
+  }, (req, res) => handler(req, res))
+  : createServer((req, res) => handler(req, res));
 
 server.on('error', (err) => fail(`cannot listen: ${err.message}`));
 
 server.listen(Number(config.port ?? 0), host, () => {
   const { port } = server.address();
-  const issuer = `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
+  const scheme = config.tls ? 'https' : 'http';
+  const issuer = `${scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`;
   try {
     provider = new Provider(issuer, providerConfiguration);
   } catch (err) {
