@@ -36,7 +36,7 @@ def run(capsys, text, tmp_path):
 def test_repository_kong_yml_is_valid(capsys):
     assert check.main([str(ROOT / "kong.yml")]) == 0
     out = capsys.readouterr().out
-    assert "2 oauth2-introspection entries, all valid" in out
+    assert "3 oauth2-client-credentials, oauth2-introspection entries, all valid" in out
 
 
 def test_every_problem_of_every_entry_with_its_location(capsys, tmp_path):
