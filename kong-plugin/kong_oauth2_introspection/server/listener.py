@@ -352,7 +352,8 @@ class PluginServer:
                 pass
 
     def _finish(self, event: _Event) -> None:
-        self.events.pop(event.id, None)
+        if self.events.pop(event.id, None) is not None:
+            metrics.event_done(event.deadline)
         if event.timer is not None:
             event.timer.cancel()
             event.timer = None
@@ -365,7 +366,6 @@ class PluginServer:
     def _expire(self, event: _Event) -> None:
         event.timer = None
         if event.parked is not None:
-            metrics.deadline_expired()
             event.parked = None
             self._drive(event, _EXPIRED)
 
