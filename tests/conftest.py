@@ -32,6 +32,9 @@ from authserver_fixture import auth_server  # noqa: E402,F401 - the real authori
 # line of the whole run is searched for the tests' own tokens and secrets.
 
 _LOGS = []
+# Tally of every request through any stand-in: the figure issue 8 asks for.
+_TALLY = {"requests": 0, "proxied": 0, "passed unauthenticated": 0, "spoofed identity": 0}
+_SPOOF_VALUES = {"evil"}
 _SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|AUTH|_KEY$|^KEY)")
 
 
@@ -48,6 +51,17 @@ def _collect_logs():
 
     def requesting(self, *args, **kwargs):
         result = request(self, *args, **kwargs)
+        _TALLY["requests"] += 1
+        if result.proxied:
+            _TALLY["proxied"] += 1
+            if result.passed_unauthenticated and not (result.credential or result.consumer):
+                _TALLY["passed unauthenticated"] += 1
+            up = result.upstream.headers if result.upstream is not None else {}
+            # (With another plugin's credential, its consumer headers are its own.)
+            other_plugin = kwargs.get("authenticated") or kwargs.get("authenticated_consumer")
+            if not other_plugin and any(v in _SPOOF_VALUES for k in up for v in up.getall(k)
+                   if k.lower().startswith(("x-consumer-", "x-credential-"))):
+                _TALLY["spoofed identity"] += 1
         if result.logs:
             _LOGS.append(("kong.log", "\n".join(m for _, m in result.logs)))
         return result
@@ -72,12 +86,14 @@ def _test_secrets():
 
 
 def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and _TALLY["requests"]:
+        reporter.write_line("stand-in requests: " + ", ".join("%s %d" % kv for kv in _TALLY.items()))
     if not _LOGS:
         return
     secrets = _test_secrets()
     leaks = sorted({(where, secret[:6] + "...") for where, text in _LOGS for secret in secrets
                     if secret in text})
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if leaks:
         if reporter is not None:
             reporter.write_line("SECRETS IN LOGS: %r" % leaks, red=True)
