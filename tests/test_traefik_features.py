@@ -220,3 +220,14 @@ def test_check_the_shipped_kong_yml():
     run = subprocess.run(plugin_command() + ["check", str(ROOT / "kong.yml")],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_templated_header_carries_the_clients_bytes_as_they_came(kong):
+    with IdPDouble(lambda f, h: Reply(200, SAMPLE)) as idp:
+        inst = kong.configure(config(idp, custom_introspection_headers={
+            "X-Client-Note": "{{header.x-note}}"}))
+        r = kong.request(inst, "GET", "/", headers=[("X-Note", b"caf\xc3\xa9 \xff"),
+                                                     ("Authorization", "Bearer " + TOKEN)])
+        assert r.status == 200, r
+        # http.server decodes header bytes as latin-1
+        assert idp.calls[0].headers["X-Client-Note"].encode("latin-1") == b"caf\xc3\xa9 \xff"

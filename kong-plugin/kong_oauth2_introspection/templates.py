@@ -46,5 +46,8 @@ class Template:
 
     def render(self, req: IncomingRequest) -> str:
         out = "".join(p if isinstance(p, str) else p(req) for p in self.parts)
-        return _CONTROL.sub(" ", out)  # a header value never carries CR or LF
+        out = _CONTROL.sub(" ", out)  # a header value never carries CR or LF
+        # HTTP header values are bytes: send the client's bytes as they came (a
+        # byte that is not UTF-8 arrives here as a lone surrogate), one char each.
+        return out.encode("utf-8", "surrogateescape").decode("latin-1")
 
