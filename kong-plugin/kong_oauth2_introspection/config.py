@@ -83,6 +83,9 @@ class Config:
     requirements: Requirements = Requirements()
     resource_metadata: Optional[metadata.ResourceMetadata] = None
     client_auth: Optional[ClientAuth] = field(default=None, repr=False)
+    # RFC 9701: (issuer, audience = client_id, JWKS URL or None to discover it).
+    signed_answers: Optional[Tuple[str, str, Optional[str]]] = None
+    upstream_introspection_jwt_header: Optional[str] = None
 
     @property
     def worst_case(self) -> float:
@@ -159,6 +162,22 @@ class Config:
             except ClientAuthError as err:
                 raise ConfigError("config." + err.field, str(err)) from None
 
+        signed_answers = None
+        if c["introspection_accept"] == "application/token-introspection+jwt":
+            if not c["issuer"]:
+                raise ConfigError("config.issuer", "required by signed introspection answers "
+                                  "(the iss they must carry)")
+            if not c["client_id"]:
+                raise ConfigError("config.client_id", "required by signed introspection "
+                                  "answers (the aud they must carry)")
+            signed_answers = (c["issuer"], c["client_id"], c["jwks_url"] or None)
+        jwt_header = c["upstream_introspection_jwt_header"] or None
+        if jwt_header:
+            _header_name("config.upstream_introspection_jwt_header", jwt_header)
+            if signed_answers is None:
+                raise ConfigError("config.upstream_introspection_jwt_header", "needs "
+                                  "introspection_accept application/token-introspection+jwt")
+
         store = c["store"]
         if not (store["redis"]["endpoints"] or []):
             store = None
@@ -179,6 +198,8 @@ class Config:
         owned = {"x-consumer-id", "x-consumer-custom-id", "x-consumer-username",
                  "x-anonymous-consumer"}
         owned.update(name.lower() for name, _ in forward)
+        if jwt_header:
+            owned.add(jwt_header.lower())
         return cls(
             introspection_url=c["introspection_url"],
             authorization_value=c["authorization_value"] or "",
@@ -207,6 +228,8 @@ class Config:
             requirements=requirements,
             resource_metadata=resource_metadata,
             client_auth=client_auth,
+            signed_answers=signed_answers,
+            upstream_introspection_jwt_header=jwt_header,
         )
 
 

@@ -16,7 +16,7 @@ without authentication, a CORS preflight when ``run_on_preflight`` is false.
 import hashlib
 import json
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from . import NAME, PRIORITY, VERSION, body, metrics, responses, tracing
 from . import requirements as required
@@ -28,6 +28,7 @@ from .concurrency import DeadlineExceeded, blocking
 from .config import Config, ConfigError
 from .consumers import ConsumerFinder, ConsumerLookupError
 from .introspection import IntrospectionError, Introspector, certificate_fingerprint, usable
+from .jwt_answers import JWT_KEY
 from .log import LOG
 from .request import IncomingRequest, Uninspectable
 from .responses import Refusal
@@ -42,11 +43,13 @@ LOG_PREFIX = NAME + ": "
 def idp_identity(conf: Config, static_headers: Dict[str, str]) -> str:
     """Exactly what changes the IdP's answer about a token: configs that agree
     here may share answers; the HMAC of every cache key is keyed with it."""
-    identity = [conf.introspection_url, conf.authorization_value,
-                certificate_fingerprint(conf.client_tls.cert), conf.token_type_hint,
-                static_headers]
+    identity: List[Any] = [conf.introspection_url, conf.authorization_value,
+                           certificate_fingerprint(conf.client_tls.cert),
+                           conf.token_type_hint, static_headers]
     if conf.client_auth is not None:
         identity.append(conf.client_auth.identity())
+    if conf.signed_answers is not None:   # verified answers are not plain ones
+        identity.append(list(conf.signed_answers))
     return json.dumps(identity, sort_keys=True)
 
 
@@ -243,6 +246,9 @@ class _Access:
             return _exit(kong, responses.SERVER_ERROR)
 
         values = credential_headers(conf, claims)
+        if conf.upstream_introspection_jwt_header and JWT_KEY in claims:
+            # The phantom token: the upstream can verify the IdP's statement itself.
+            values[conf.upstream_introspection_jwt_header] = claims[JWT_KEY]
         if consumer:
             values.update(consumer_headers(consumer))
         self.send_upstream(values)

@@ -23,6 +23,7 @@ from . import metrics
 from .concurrency import DeadlineExceeded, current_deadline
 from .config import BACKOFF_BASE, BACKOFF_MAX, Config
 from .httpclient import HTTPClient, HTTPFailure
+from .jwt_answers import MEDIA_TYPE, AnswerRejected, JWTAnswers
 
 MAX_ANSWER_BYTES = 1024 * 1024
 
@@ -136,6 +137,12 @@ class Introspector:
         cert = (self._files["cert"], self._files["key"]) \
             if self._files and "cert" in self._files else None
         self.http = HTTPClient(pool_maxsize=64, verify=verify, cert=cert)
+        self.jwt_answers: Optional[JWTAnswers] = None
+        if conf.signed_answers is not None:
+            # RFC 9701: ask for signed answers and believe nothing else.
+            self.headers["Accept"] = MEDIA_TYPE
+            issuer, audience, jwks_url = conf.signed_answers
+            self.jwt_answers = JWTAnswers(issuer, audience, jwks_url, self._get, log)
         self._last_used = time.monotonic()
         self._idle_lock = threading.Lock()
 
@@ -175,11 +182,22 @@ class Introspector:
             time.sleep(pause)
             attempt += 1
 
-    @staticmethod
-    def _answer(reply) -> Answer:
+    def _get(self, url: str, headers: Dict[str, str], max_bytes: int):
+        reply = self.http.request("GET", url, headers=headers, timeout=self.timeout,
+                                  max_bytes=max_bytes)
+        return reply.status, reply.body
+
+    def _answer(self, reply) -> Answer:
         if reply.status != 200:
             raise IntrospectionError("introspection endpoint answered HTTP %d" % reply.status)
-        claims = parse_answer(reply.body)
+        if self.jwt_answers is None:
+            claims = parse_answer(reply.body)
+        else:
+            try:
+                claims = self.jwt_answers.claims(reply.body)
+            except (AnswerRejected, HTTPFailure) as err:
+                # A bad signature is the server's failure, never an inactive token.
+                raise IntrospectionError("introspection endpoint: %s" % err) from None
         cache_control = {k.lower(): v for k, v in reply.headers.items()}.get("cache-control", "")
         return Answer(claims, "no-store" not in cache_control.lower())
 

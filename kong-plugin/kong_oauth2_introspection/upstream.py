@@ -101,6 +101,8 @@ class IdentityHeaders:
         names = list(CONSUMER_HEADERS) + [h for h, _ in CREDENTIAL_HEADERS]
         names += [claim_header_name(c) for c in conf.custom_claims_forward]
         names += [h for h, _ in conf.forward_headers]
+        if conf.upstream_introspection_jwt_header:   # RFC 9701 phantom token
+            names.append(conf.upstream_introspection_jwt_header)
         self.display: Dict[str, str] = {}
         for name in names:
             self.display.setdefault(name.lower(), name)

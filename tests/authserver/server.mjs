@@ -30,6 +30,9 @@
 //                                   then JWTs (RFC 9068) signed with "jwt_alg"
 //       "jwt_alg": "ES256" | "RS256"    optional, default ES256
 //       "jwks": {"keys": [...]},    optional public keys (private_key_jwt)
+//       "introspection_signed_response_alg": "ES256"   optional: RFC 9701 signed
+//                                   answers when asked with Accept:
+//                                   application/token-introspection+jwt
 //       "tls_client_auth_subject_dn": "CN=name"   optional (tls_client_auth:
 //                                   the client certificate's CN must match)
 //     }],
@@ -128,6 +131,8 @@ for (const c of config.clients ?? []) {
     token_endpoint_auth_method: c.token_endpoint_auth_method ?? 'client_secret_basic',
     ...(scopes.length ? { scope: scopes.join(' ') } : {}),
     ...(c.jwks ? { jwks: c.jwks } : {}),
+    ...(c.introspection_signed_response_alg
+      ? { introspection_signed_response_alg: c.introspection_signed_response_alg } : {}),
     ...(c.tls_client_auth_subject_dn ? { tls_client_auth_subject_dn: c.tls_client_auth_subject_dn } : {}),
   });
 }
@@ -238,6 +243,8 @@ const providerConfiguration = {
   features: {
     devInteractions: { enabled: false },
     clientCredentials: { enabled: true },
+    // RFC 9701: only for clients with introspection_signed_response_alg that ask for it.
+    jwtIntrospection: { enabled: true },
     introspection: {
       enabled: true,
       // A client may introspect its own tokens; an introspector (the
