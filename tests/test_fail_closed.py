@@ -287,3 +287,49 @@ _CA = """-----BEGIN CERTIFICATE-----
 MIIBdjCCAR2gAwIBAgIUbm90LWEtcmVhbC1jYS0wMDAwMDAwMDAwCgYIKoZIzj0EAwIw
 -----END CERTIFICATE-----
 """
+
+
+# -- 4. the cache identity is exactly what changes the IdP's answer ------------------------
+
+def test_configs_that_differ_only_in_the_client_certificate_never_share_answers(tmp_path):
+    from certs import make_ca_and_certs
+    pems = make_ca_and_certs(tmp_path)
+    with IdPDouble(lambda f, h: active(client_id="c")) as idp, \
+            KongStandIn(plugin_command()) as kong:
+        plain = kong.configure(config(idp.url))
+        with_cert = kong.configure(config(idp.url, client_tls={
+            "cert": pems["client_cert"], "key": pems["client_key"]}))
+        other_ca = kong.configure(config(idp.url, client_tls={"ca": pems["ca"]}, ttl=40))
+        headers = {"Authorization": "Bearer " + TOKEN}
+        assert kong.request(plain, headers=headers).status == 200
+        assert kong.request(with_cert, headers=headers).status == 200
+        assert len(idp.calls) == 2          # another client identity: asked again
+        # A CA or a ttl does not change what the IdP says about a token: shared.
+        assert kong.request(other_ca, headers=headers).status == 200
+        assert len(idp.calls) == 2
+
+
+def test_a_redis_password_rotation_keeps_the_cache(tmp_path):
+    from redis_servers import start_standalone
+    redis = start_standalone(tmp_path / "redis", password="old-redis-password-1",
+                             acl_user="kong", acl_password="old-redis-password-1")
+    try:
+        # During a rotation the ACL user accepts both passwords.
+        redis.client().execute_command("ACL", "SETUSER", "kong", ">new-redis-password-2")
+        store = {"secret": "0123456789abcdef0123456789abcdef",
+                 "redis": {"endpoints": [redis.address], "username": "kong"}}
+        with IdPDouble(lambda f, h: active(client_id="c")) as idp:
+            headers = {"Authorization": "Bearer " + TOKEN}
+            with KongStandIn(plugin_command()) as node_a:
+                conf = config(idp.url, store=dict(store, redis=dict(
+                    store["redis"], password="old-redis-password-1")))
+                assert node_a.request(node_a.configure(conf), headers=headers).status == 200
+            assert len(idp.calls) == 1
+            # A node started after the rotation, with the new password only.
+            with KongStandIn(plugin_command()) as node_b:
+                conf = config(idp.url, store=dict(store, redis=dict(
+                    store["redis"], password="new-redis-password-2")))
+                assert node_b.request(node_b.configure(conf), headers=headers).status == 200
+            assert len(idp.calls) == 1      # served from Redis: the keys did not change
+    finally:
+        redis.stop()
