@@ -104,6 +104,13 @@ def test_failures_marked_without_their_text(spans):
     assert lookup.parent is None and lookup.status.status_code == StatusCode.ERROR
 
 
+def test_nothing_traced_outside_a_lookup(spans):
+    # health probes and the client-credentials plugin's Redis calls: no root spans
+    metrics.idp_request(lambda m, u, **kw: Reply(200), "POST", "http://idp.test/i")
+    metrics.redis_call(lambda client: client, "client")
+    assert spans.get_finished_spans() == ()
+
+
 def test_endpoint_from_flag_or_standard_environment(monkeypatch):
     for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT",
                  "OTEL_SDK_DISABLED"):

@@ -307,14 +307,20 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # scrapes every few seconds would flood Kong's error log
 
 
+class _Quiet(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a scraper that hung up: nothing for Kong's error log
+
+
 def serve_http(address: str, port: int, server: Any = None) -> Tuple[ThreadingHTTPServer, int]:
     """Serve /metrics and /health on ``address:port`` (loopback only) from a daemon
     thread; returns the HTTP server and the port it got (``port`` 0: any free one)."""
     if not loopback(address):
         raise ValueError("metrics address %r is not a loopback address" % address)
     handler = type("Handler", (_Handler,), {"plugin_server": server})
-    httpd = ThreadingHTTPServer((address, port), handler)
-    httpd.daemon_threads = True
+    httpd = _Quiet((address, port), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True,
                      name="oauth2-introspection-metrics").start()
     return httpd, int(httpd.server_address[1])

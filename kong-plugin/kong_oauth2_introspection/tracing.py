@@ -8,7 +8,7 @@ exports spans over OTLP/HTTP; it needs the ``tracing`` extra
 A cache miss gets one span, ``oauth2-introspection lookup``, whose parent is
 the request's W3C ``traceparent`` (and ``tracestate``) header, taken from the
 headers the handler already read: no PDK call. The IdP attempts and the Redis
-commands of that lookup are its children. A cache hit makes no span: it does no
+commands of that lookup are its children; outside a lookup nothing is traced. A cache hit makes no span: it does no
 I/O worth tracing, and spans on the hot path would cost what a hit costs.
 
 Attributes never hold a token or a secret: the endpoint is
@@ -130,9 +130,14 @@ def bind(headers: Mapping[str, Any], fn: Callable[..., T]) -> Callable[..., T]:
 
 
 def span(name: str, attributes: Optional[Dict[str, Any]] = None) -> Any:
-    """A child span of the current context, or a null context while off."""
+    """A child span of the current lookup, or a null context while off or outside
+    one (health probes, the client-credentials plugin's Redis calls): a root span
+    per Redis command would only be noise."""
     tracer = _tracer
     if not ENABLED or tracer is None:
+        return _NULL
+    from opentelemetry import trace
+    if not trace.get_current_span().get_span_context().is_valid:
         return _NULL
     return tracer.start_as_current_span(name, attributes=attributes or {},
                                         record_exception=False,
