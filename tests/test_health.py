@@ -116,6 +116,23 @@ def test_idp_down_is_unhealthy(server):
     assert down["redis"] is None
 
 
+def test_client_credentials_configs(server, auth_server):
+    cc = "oauth2-client-credentials"
+    usable = server.configure({"url": auth_server.token_url, "audience": "https://api.test"},
+                              name=cc)
+    unusable = server.configure({"url": auth_server.token_url, "audience": "https://api.test",
+                                 "client_id": "svc-no-secret"}, name=cc)   # no secret
+    assert server.request(usable).status == 401        # no client credentials sent
+    assert server.request(unusable).status == 500
+    fresh(server)
+    report = requests.get(server.health_url, timeout=20).json()
+    by_id = {c["plugin_ids"][0]: c for c in report["configs"] if c["plugin"] == cc}
+    ok, bad = by_id[usable.plugin_id], by_id[unusable.plugin_id]
+    assert ok["healthy"] is True and ok["idp"]["ok"] is True
+    assert ok["idp"]["endpoint"] == auth_server.token_url   # already host:port/path
+    assert bad["healthy"] is False and bad["error"].startswith("unusable config: ")
+
+
 def test_cannot_ask(server):
     out = run_health("--url", "http://127.0.0.1:%d/health" % free_port())
     assert out.returncode == 2 and out.stderr.startswith("oauth2-introspection: cannot ask")
