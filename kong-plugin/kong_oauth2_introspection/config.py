@@ -86,6 +86,8 @@ class Config:
     # RFC 9701: (issuer, audience = client_id, JWKS URL or None to discover it).
     signed_answers: Optional[Tuple[str, str, Optional[str]]] = None
     upstream_introspection_jwt_header: Optional[str] = None
+    # (token endpoint URL, scope or None): introspect with a bearer token from there.
+    pre_authorization: Optional[Tuple[str, Optional[str]]] = None
 
     @property
     def worst_case(self) -> float:
@@ -162,6 +164,14 @@ class Config:
             except ClientAuthError as err:
                 raise ConfigError("config." + err.field, str(err)) from None
 
+        pre_authorization = None
+        pre = c["pre_authorization"]
+        if pre["token_url"]:
+            if client_auth is None:
+                raise ConfigError("config.pre_authorization", "needs "
+                                  "introspection_endpoint_auth_method (how to ask for the token)")
+            pre_authorization = (pre["token_url"], pre["scope"] or None)
+
         signed_answers = None
         if c["introspection_accept"] == "application/token-introspection+jwt":
             if not c["issuer"]:
@@ -229,6 +239,7 @@ class Config:
             resource_metadata=resource_metadata,
             client_auth=client_auth,
             signed_answers=signed_answers,
+            pre_authorization=pre_authorization,
             upstream_introspection_jwt_header=jwt_header,
         )
 

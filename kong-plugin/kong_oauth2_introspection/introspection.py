@@ -24,6 +24,7 @@ from .concurrency import DeadlineExceeded, current_deadline
 from .config import BACKOFF_BASE, BACKOFF_MAX, Config
 from .httpclient import HTTPClient, HTTPFailure
 from .jwt_answers import MEDIA_TYPE, AnswerRejected, JWTAnswers
+from .preauth import PreAuthorization, PreAuthorizationError
 
 MAX_ANSWER_BYTES = 1024 * 1024
 
@@ -137,6 +138,11 @@ class Introspector:
         cert = (self._files["cert"], self._files["key"]) \
             if self._files and "cert" in self._files else None
         self.http = HTTPClient(pool_maxsize=64, verify=verify, cert=cert)
+        self.pre_authorization: Optional[PreAuthorization] = None
+        if conf.pre_authorization is not None and conf.client_auth is not None:
+            token_url, scope = conf.pre_authorization
+            self.pre_authorization = PreAuthorization(token_url, scope, conf.client_auth,
+                                                      self.http, conf.timeout)
         self.jwt_answers: Optional[JWTAnswers] = None
         if conf.signed_answers is not None:
             # RFC 9701: ask for signed answers and believe nothing else.
@@ -153,11 +159,19 @@ class Introspector:
         headers = dict(self.headers, **extra_headers) if extra_headers else self.headers
         if self.client_auth is not None:
             headers = dict(headers)
+        renewed = False
         self._drop_idle_connections()
         deadline = current_deadline()
         attempt = 0
         while True:
-            if self.client_auth is not None:
+            bearer = None
+            if self.pre_authorization is not None:
+                try:
+                    bearer = self.pre_authorization.token()
+                except PreAuthorizationError as err:
+                    raise IntrospectionError("pre-authorization: %s" % err) from None
+                headers["Authorization"] = "Bearer " + bearer
+            elif self.client_auth is not None:
                 # Per attempt: an assertion's jti may be used only once.
                 self.client_auth.apply(self.url, form, headers)
             try:
@@ -170,6 +184,11 @@ class Introspector:
             except HTTPFailure as err:
                 failure = str(err)
             else:
+                if reply.status == 401 and bearer is not None and not renewed:
+                    # Revoked or lapsed early: drop it, fetch one new token, ask again once.
+                    self.pre_authorization.rejected(bearer)  # type: ignore[union-attr]
+                    renewed = True
+                    continue
                 if reply.status < 500:
                     return metrics.idp_answer(self.url, self._answer, reply)
                 failure = "answered HTTP %d" % reply.status

@@ -41,6 +41,12 @@
 //                                   against "ca") and offer tls_client_auth
 //   }
 //
+// POST /introspection-bearer is RFC 7662 introspection for a caller holding an
+// access token (Authorization: Bearer, issued by this server to an introspector
+// client) instead of client credentials: oidc-provider checks the token, then
+// answers as its own introspection endpoint for that client. Gateways call this
+// "pre-authorization".
+//
 // A token request may carry the header "X-Test-Token-TTL: <seconds>" to get a
 // token with that lifetime (tests of expiry).
 //
@@ -321,12 +327,42 @@ let handler = (req, res) => {
   res.end();
 };
 
+const secrets = new Map(clients.map((c) => [c.client_id, c.client_secret]));
+
+async function bearerIntrospection(req, res) {
+  const [scheme, value] = (req.headers.authorization ?? '').split(' ');
+  const token = scheme?.toLowerCase() === 'bearer' && value
+    ? await provider.ClientCredentials.find(value) : undefined;
+  if (!token || token.isExpired || settings.get(token.clientId)?.introspector !== true) {
+    res.statusCode = 401;
+    res.setHeader('WWW-Authenticate', 'Bearer error="invalid_token"');
+    res.end();
+    return;
+  }
+  const basic = `${encodeURIComponent(token.clientId)}:${encodeURIComponent(secrets.get(token.clientId))}`;
+  req.headers.authorization = `Basic ${Buffer.from(basic).toString('base64')}`;
+  req.url = '/token/introspection';
+  handler(req, res);
+}
+
+function route(req, res) {
+  if (req.method === 'POST' && req.url === '/introspection-bearer' && provider) {
+    bearerIntrospection(req, res).catch((err) => {
+      process.stderr.write(`authserver: introspection-bearer: ${err.stack ?? err}\n`);
+      res.statusCode = 500;
+      res.end();
+    });
+    return;
+  }
+  handler(req, res);
+}
+
 const server = config.tls
   ? createTLSServer({
     cert: config.tls.cert, key: config.tls.key, ca: config.tls.ca,
     requestCert: true, rejectUnauthorized: false,
-  }, (req, res) => handler(req, res))
-  : createServer((req, res) => handler(req, res));
+  }, route)
+  : createServer(route);
 
 server.on('error', (err) => fail(`cannot listen: ${err.message}`));
 
