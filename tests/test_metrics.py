@@ -394,3 +394,18 @@ def test_dashboard_asks_only_for_exported_metrics(observed):
             if n.startswith(P)}
     shown = {re.sub(r"_(bucket|count|sum|total|created)$", "", n) for n in used}
     assert ours - shown <= {P + "info"}, sorted(ours - shown)
+
+
+def test_one_version_everywhere(observed):
+    """--version, dump (Kong's query command), the metrics' info and pyproject agree."""
+    import subprocess
+    printed = subprocess.run(plugin_command() + ["--version"], capture_output=True, text=True,
+                             timeout=30).stdout.split()
+    dumped = {p["Version"] for p in json.loads(subprocess.run(
+        plugin_command() + ["dump"], capture_output=True, text=True, timeout=60).stdout)}
+    declared = re.search(r'(?m)^version = "([^"]+)"',
+                         (ROOT / "pyproject.toml").read_text()).group(1)
+    samples, _ = scrape(observed)
+    assert printed == ["oauth2-introspection", declared]
+    assert dumped == {declared} and value(samples, P + "info", version=declared) == 1
+    assert "## [%s]" % declared in (ROOT / "CHANGELOG.md").read_text()
