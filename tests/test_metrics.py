@@ -215,7 +215,10 @@ def test_concurrent_misses_coalesce(observed):
         after, _ = scrape(observed)
         assert statuses == [200] * 5 and len(idp.calls) == 1
     assert delta(before, after, P + "cache_lookups_total", result="miss") == 1
-    assert delta(before, after, P + "cache_lookups_total", result="coalesced") == 4
+    # the others waited for that one ask (a thread started late finds the answer kept)
+    coalesced = delta(before, after, P + "cache_lookups_total", result="coalesced")
+    assert coalesced >= 1
+    assert coalesced + delta(before, after, P + "cache_lookups_total", result="hit") == 4
 
 
 def test_stale_answer_counted(observed):
