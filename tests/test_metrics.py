@@ -106,6 +106,7 @@ def test_decisions_cache_idp_and_redis_counted(observed, auth_server, redis_stan
     assert [r.status for r in results] == [200, 200, 401, 401]
     after, text = scrape(observed)
 
+    assert delta(before, after, P + "decisions_total") == 4   # each request once
     assert delta(before, after, P + "decisions_total", outcome="allowed",
                  reason="active_token") == 2
     assert delta(before, after, P + "decisions_total", outcome="refused",
@@ -134,6 +135,23 @@ def test_decisions_cache_idp_and_redis_counted(observed, auth_server, redis_stan
     for secret in (token, ACL_PASSWORD, STORE_SECRET,
                    auth_server.introspector_authorization.split(" ", 1)[1]):
         assert secret not in text
+
+
+def test_anonymous_and_preflight_decisions(observed, auth_server):
+    anon = observed.add_consumer(username="anonymous-metrics")
+    inst = observed.configure(introspection(auth_server, anonymous=anon["id"],
+                                            run_on_preflight=False))
+    before, _ = scrape(observed)
+    assert observed.request(inst).status == 200
+    assert observed.request(inst, headers=bearer("no-such-token-abc")).status == 200
+    assert observed.request(inst, "OPTIONS", headers={"Origin": "https://app.test"}).status == 200
+    after, _ = scrape(observed)
+    assert delta(before, after, P + "decisions_total", outcome="anonymous",
+                 reason="missing_token") == 1
+    assert delta(before, after, P + "decisions_total", outcome="anonymous",
+                 reason="invalid_token") == 1
+    assert delta(before, after, P + "decisions_total", outcome="passed", reason="preflight") == 1
+    assert delta(before, after, P + "decisions_total") == 3
 
 
 def cacheable_idp():
