@@ -88,6 +88,8 @@ class Config:
     upstream_introspection_jwt_header: Optional[str] = None
     # (token endpoint URL, scope or None): introspect with a bearer token from there.
     pre_authorization: Optional[Tuple[str, Optional[str]]] = None
+    proof_of_possession_dpop: str = "off"     # off | optional | strict
+    dpop_proof_lifetime: float = 300
 
     @property
     def worst_case(self) -> float:
@@ -240,6 +242,8 @@ class Config:
             client_auth=client_auth,
             signed_answers=signed_answers,
             pre_authorization=pre_authorization,
+            proof_of_possession_dpop=c["proof_of_possession_dpop"],
+            dpop_proof_lifetime=float(c["dpop_proof_lifetime"]),
             upstream_introspection_jwt_header=jwt_header,
         )
 

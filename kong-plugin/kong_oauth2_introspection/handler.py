@@ -19,6 +19,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from . import NAME, PRIORITY, VERSION, body, metrics, responses, tracing
+from . import dpop
 from . import requirements as required
 from . import schema as schema_module
 from . import breaker as breakers
@@ -96,7 +97,14 @@ class Runtime:
         self.strip = () if conf.forward_authorization else ("authorization",)
         metadata = conf.resource_metadata
         self.answers = responses.Answers(metadata.url if metadata else None,
-                                         conf.requirements.scope_hint)
+                                         conf.requirements.scope_hint,
+                                         conf.proof_of_possession_dpop)
+        self.dpop: Optional[dpop.DPoPVerifier] = None
+        if conf.proof_of_possession_dpop != "off":
+            # Proof jtis live in the shared Redis when there is one: once per cluster.
+            replays = dpop.ReplayStore(self.cache.store, ttl=conf.dpop_proof_lifetime
+                                       + dpop.FUTURE_SKEW)
+            self.dpop = dpop.DPoPVerifier(conf.dpop_proof_lifetime, replays)
 
     def close(self) -> None:
         self.introspector.close()
@@ -179,6 +187,7 @@ class _Access:
     """One request through the plugin."""
 
     found: Optional[Found] = None
+    dpop_scheme = False   # the token came as "Authorization: DPoP"
 
     def __init__(self, runtime: Runtime, kong):
         self.rt = runtime
@@ -205,7 +214,11 @@ class _Access:
                 # Another authentication plugin already succeeded: logical OR.
                 metrics.decision(metrics.PASSED, "other_credential")
                 return kong.service.request.set_headers(self.rt.headers.extras_table(req.headers))
-            self.found = self.rt.tokens.find(req)
+            if self.rt.dpop is not None:
+                self.found = dpop.find_token(req.headers)
+                self.dpop_scheme = self.found is not None
+            if self.found is None:
+                self.found = self.rt.tokens.find(req)
         except Uninspectable as why:
             kong.log.info(LOG_PREFIX + "request refused: %s" % why)
             metrics.decision(metrics.REFUSED, "malformed_request")
@@ -225,6 +238,10 @@ class _Access:
             return _exit(kong, responses.SERVER_ERROR)
         if not usable(claims, time.time()):
             return self.refuse(answers.INVALID_TOKEN)
+        if self.rt.dpop is not None:
+            refusal = self.proof_of_possession(claims)
+            if refusal is not None:
+                return self.refuse(refusal)
         failed = conf.requirements.failure(claims) if conf.requirements.configured else None
         if failed in (required.ISSUER, required.AUDIENCE):
             # A token meant for another resource: not a token for this one.
@@ -282,6 +299,30 @@ class _Access:
                 self.kong.log.err(LOG_PREFIX + (str(err) or type(err).__name__))
                 return None
         return entry.claims
+
+    def proof_of_possession(self, claims: Dict[str, Any]) -> Optional[Refusal]:
+        """RFC 9449: the refusal for a DPoP-bound token without a valid proof, or for an
+        unbound one where binding is required (or claimed by the DPoP scheme)."""
+        answers, kong = self.rt.answers, self.kong
+        jkt = dpop.bound_key(claims)
+        if jkt is None:
+            if self.conf.proof_of_possession_dpop == "strict" or self.dpop_scheme:
+                kong.log.info(LOG_PREFIX + "token refused: not DPoP-bound")
+                return answers.DPOP_BOUND
+            return None
+        if not self.dpop_scheme:   # section 7.2: a bound token sent as a bearer token
+            kong.log.info(LOG_PREFIX + "token refused: DPoP-bound token without DPoP")
+            return answers.DPOP_BOUND
+        req = self.req
+        scheme = kong.request.get_scheme()
+        url = "%s://%s%s" % (scheme, req.header("host") or "", req.path)
+        try:
+            blocking(self.rt.dpop.verify, req.headers.get("dpop"),  # type: ignore[union-attr]
+                     self.found.token, jkt, req.method, url)  # type: ignore[union-attr]
+        except dpop.ProofRejected as why:
+            kong.log.info(LOG_PREFIX + "DPoP proof refused: %s" % why)
+            return answers.INVALID_DPOP_PROOF
+        return None
 
     def introspection_headers(self) -> Optional[Dict[str, str]]:
         """Headers for the IdP that depend on this request (they join the cache key)."""

@@ -41,9 +41,16 @@ class Answers:
     adds to every challenge (RFC 9728 ``resource_metadata``) and the ``scope`` a
     failed ``scopes_required`` names (RFC 6750 section 3)."""
 
-    def __init__(self, metadata_url: Optional[str] = None, scope: Optional[str] = None):
+    def __init__(self, metadata_url: Optional[str] = None, scope: Optional[str] = None,
+                 dpop: str = "off"):
         # Our URLs and scope tokens hold no quote or backslash (config checks it).
         params = f', resource_metadata="{metadata_url}"' if metadata_url else ""
+        # RFC 9449 section 7.1: DPoP challenges name the algorithms proofs may use.
+        dpop_challenge = f'DPoP algs="{DPOP_ALGS}"' + params
+        self.INVALID_DPOP_PROOF = _dpop(dpop_challenge, "invalid_dpop_proof",
+                                        "The DPoP proof is missing or invalid")
+        self.DPOP_BOUND = _dpop(dpop_challenge, "invalid_token",
+                                "The access token must be sent with a DPoP proof")
         self.MISSING_TOKEN = _with_params(MISSING_TOKEN, params)
         self.INVALID_TOKEN = _with_params(INVALID_TOKEN, params)
         self.BAD_REQUEST = _with_params(BAD_REQUEST, params)
@@ -51,3 +58,16 @@ class Answers:
         self.MISSING_SCOPE = _with_params(INSUFFICIENT_SCOPE, (
             f', scope="{scope}"' if scope else "") + params)
         self.SERVER_ERROR = SERVER_ERROR
+        if dpop == "strict":   # only DPoP-bound tokens: the challenge says which scheme
+            self.MISSING_TOKEN = MISSING_TOKEN._replace(
+                headers={"WWW-Authenticate": dpop_challenge})
+            self.INVALID_TOKEN = self.DPOP_BOUND
+
+
+DPOP_ALGS = "ES256 ES384 ES512 RS256 RS384 RS512 PS256 PS384 PS512 EdDSA"
+
+
+def _dpop(challenge: str, error: str, description: str) -> Refusal:
+    header = f'{challenge}, error="{error}", error_description="{description}"'
+    return Refusal(401, {"error": error, "error_description": description},
+                   {"WWW-Authenticate": header})

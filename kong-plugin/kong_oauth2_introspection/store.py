@@ -417,6 +417,15 @@ class RedisStore:
         blob = self.sealer.seal(value, full.encode()) if self.sealer else value
         self._call(lambda c: c.set(full, blob, px=px))
 
+    def claim_once(self, key: str, ttl_s: float) -> Optional[bool]:
+        """Set ``key`` only if absent (SET NX), for ``ttl_s`` seconds: True when this
+        call set it, False when it was there, None when Redis cannot tell (a replay
+        check must then refuse rather than guess)."""
+        full = self.key_prefix + key
+        px = min(max(1, int(ttl_s * 1000)), _MAX_TTL_MS)
+        done = self._call(lambda c: c.set(full, b"1", nx=True, px=px), failed=_FAILED)
+        return None if done is _FAILED else bool(done)
+
     def lease(self, key: str, ttl_ms: int) -> bool:
         """Try to become the one caller (across every process and node) that fetches
         ``key``, for ``ttl_ms`` milliseconds.

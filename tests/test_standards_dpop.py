@@ -1,0 +1,165 @@
+"""Issue 13 item 4, DPoP-bound tokens (RFC 9449): oidc-provider binds a client
+credentials token to the client's key (``cnf.jkt`` in its introspection answer);
+the plugin, driven by the Kong stand-in, accepts it only with a fresh valid proof
+of that key, each proof once across two plugin servers sharing a real Redis."""
+
+import base64
+import hashlib
+import json
+import time
+import uuid
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from authserver_fixture import AuthServer
+from conftest import plugin_command
+from kong import KongStandIn
+from redis_servers import ACL_PASSWORD, ACL_USER, redis_standalone  # noqa: F401
+from test_plugin_kong import bearer
+
+URL = "http://kong.test/orders"   # what the stand-in's request looks like to Kong
+STORE_SECRET = "0123456789abcdef0123456789abcdef"
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class DPoPClient:
+    """A client holding a DPoP key: gets bound tokens, signs proofs."""
+
+    def __init__(self):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.key.public_key()))
+
+    def proof(self, method, url, token=None, **override):
+        claims = {"jti": uuid.uuid4().hex, "htm": method, "htu": url, "iat": int(time.time())}
+        if token is not None:
+            claims["ath"] = b64url(hashlib.sha256(token.encode()).digest())
+        claims.update(override)
+        return jwt.encode(claims, self.key, algorithm="ES256",
+                          headers={"typ": "dpop+jwt", "jwk": self.jwk})
+
+    def bound_token(self, idp, client_id="alice-app", scope="read"):
+        reply = idp.session.post(idp.token_url, timeout=10,
+                                 data={"grant_type": "client_credentials", "scope": scope},
+                                 headers={"Authorization": idp.authorization(client_id),
+                                          "DPoP": self.proof("POST", idp.token_url)})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["token_type"] == "DPoP"
+        return reply.json()["access_token"]
+
+    def headers(self, token, method="GET", url=URL, **override):
+        return {"Authorization": "DPoP " + token,
+                "DPoP": self.proof(method, url, token, **override)}
+
+
+@pytest.fixture(scope="module")
+def idp():
+    with AuthServer() as server:
+        yield server
+
+
+def conf(idp, mode="optional", **extra):
+    return dict({"introspection_url": idp.introspection_url,
+                 "authorization_value": idp.introspector_authorization,
+                 "proof_of_possession_dpop": mode}, **extra)
+
+
+def challenge(r):
+    return r.response_headers["WWW-Authenticate"]
+
+
+def test_the_token_is_bound(idp):
+    holder = DPoPClient()
+    answer = idp.introspect(holder.bound_token(idp))
+    thumb = json.dumps({k: holder.jwk[k] for k in ("crv", "kty", "x", "y")},
+                       separators=(",", ":"), sort_keys=True)
+    assert answer["cnf"] == {"jkt": b64url(hashlib.sha256(thumb.encode()).digest())}
+
+
+def test_bound_token_with_a_fresh_proof_passes_once(kong, idp):
+    holder = DPoPClient()
+    token = holder.bound_token(idp)
+    inst = kong.configure(conf(idp, hide_credentials=True))
+    headers = holder.headers(token)
+    r = kong.request(inst, "GET", "/orders", headers=headers)
+    assert r.status == 200, r.logs
+    assert r.upstream.headers["X-Credential-Client-ID"] == "alice-app"
+    assert "Authorization" not in r.upstream.headers
+    # The same proof again: a replay.
+    again = kong.request(inst, "GET", "/orders", headers=headers)
+    assert again.status == 401 and again.json["error"] == "invalid_dpop_proof"
+    assert challenge(again).startswith('DPoP algs="ES256')
+    # A new proof: fine.
+    assert kong.request(inst, "GET", "/orders", headers=holder.headers(token)).status == 200
+
+
+@pytest.mark.parametrize("what", ["other key", "method", "url", "old", "future", "ath",
+                                  "no proof", "two proofs"])
+def test_a_proof_that_does_not_fit_is_refused(kong, idp, what):
+    holder = DPoPClient()
+    token = holder.bound_token(idp)
+    inst = kong.configure(conf(idp))
+    headers = {
+        "other key": lambda: DPoPClient().headers(token),
+        "method": lambda: holder.headers(token, method="POST"),
+        "url": lambda: holder.headers(token, url="http://kong.test/other"),
+        "old": lambda: holder.headers(token, iat=int(time.time()) - 301),
+        "future": lambda: holder.headers(token, iat=int(time.time()) + 120),
+        "ath": lambda: holder.headers(token, ath=b64url(b"x" * 32)),
+        "no proof": lambda: {"Authorization": "DPoP " + token},
+        "two proofs": lambda: [("Authorization", "DPoP " + token),
+                               ("DPoP", holder.proof("GET", URL, token)),
+                               ("DPoP", holder.proof("GET", URL, token))],
+    }[what]()
+    r = kong.request(inst, "GET", "/orders", headers=headers)
+    assert r.status == 401 and r.json["error"] == "invalid_dpop_proof", (what, r.body)
+    assert not r.proxied
+
+
+def test_bound_token_sent_as_bearer_is_refused(kong, idp):
+    token = DPoPClient().bound_token(idp)
+    r = kong.request(kong.configure(conf(idp)), "GET", "/orders", headers=bearer(token))
+    assert r.status == 401 and r.json["error"] == "invalid_token"
+    assert challenge(r).startswith("DPoP ")
+
+
+def test_modes(kong, idp):
+    holder = DPoPClient()
+    bound, plain = holder.bound_token(idp), idp.issue_token("alice-app")
+    optional, strict, off = (kong.configure(conf(idp, mode)) for mode in
+                             ("optional", "strict", "off"))
+    assert kong.request(optional, "GET", "/orders", headers=bearer(plain)).status == 200
+    r = kong.request(strict, "GET", "/orders", headers=bearer(plain))
+    assert r.status == 401 and challenge(r).startswith("DPoP ")
+    assert kong.request(strict, "GET", "/orders", headers=holder.headers(bound)).status == 200
+    missing = kong.request(strict, "GET", "/orders")
+    assert missing.status == 401 and challenge(missing).startswith("DPoP ")
+    # off: the binding is not looked at (as before this option existed).
+    assert kong.request(off, "GET", "/orders", headers=bearer(bound)).status == 200
+
+
+def test_unbound_token_costs_no_extra_round_trip(kong, idp):
+    plain = idp.issue_token("alice-app")
+    inst = kong.configure(conf(idp))
+    kong.request(inst, "GET", "/orders", headers=bearer(plain))
+    r = kong.request(inst, "GET", "/orders", headers=bearer(plain))
+    assert r.status == 200 and len(r.pdk_calls) <= 4, r.pdk_calls
+
+
+def test_a_proof_is_accepted_once_across_the_cluster(idp, redis_standalone):
+    holder = DPoPClient()
+    token = holder.bound_token(idp)
+    store = {"key_prefix": "dpop-test:", "secret": STORE_SECRET,
+             "redis": {"endpoints": [redis_standalone.address], "username": ACL_USER,
+                       "password": ACL_PASSWORD}}
+    with KongStandIn(plugin_command()) as a, KongStandIn(plugin_command()) as b:
+        on_a, on_b = a.configure(conf(idp, store=store)), b.configure(conf(idp, store=store))
+        headers = holder.headers(token)
+        assert a.request(on_a, "GET", "/orders", headers=headers).status == 200
+        replay = b.request(on_b, "GET", "/orders", headers=headers)
+        assert replay.status == 401 and replay.json["error"] == "invalid_dpop_proof"
+        assert b.request(on_b, "GET", "/orders", headers=holder.headers(token)).status == 200
