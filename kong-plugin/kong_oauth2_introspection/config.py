@@ -90,6 +90,7 @@ class Config:
     pre_authorization: Optional[Tuple[str, Optional[str]]] = None
     proof_of_possession_dpop: str = "off"     # off | optional | strict
     dpop_proof_lifetime: float = 300
+    proof_of_possession_mtls: str = "off"     # off | optional | strict
 
     @property
     def worst_case(self) -> float:
@@ -244,6 +245,7 @@ class Config:
             pre_authorization=pre_authorization,
             proof_of_possession_dpop=c["proof_of_possession_dpop"],
             dpop_proof_lifetime=float(c["dpop_proof_lifetime"]),
+            proof_of_possession_mtls=c["proof_of_possession_mtls"],
             upstream_introspection_jwt_header=jwt_header,
         )
 

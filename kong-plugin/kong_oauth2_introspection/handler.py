@@ -18,8 +18,10 @@ import json
 import time
 from typing import Any, Dict, List, Optional
 
+from kong_pdk.exception import PDKException
+
 from . import NAME, PRIORITY, VERSION, body, metrics, responses, tracing
-from . import dpop
+from . import cert_binding, dpop
 from . import requirements as required
 from . import schema as schema_module
 from . import breaker as breakers
@@ -242,6 +244,8 @@ class _Access:
             refusal = self.proof_of_possession(claims)
             if refusal is not None:
                 return self.refuse(refusal)
+        if conf.proof_of_possession_mtls != "off" and not self.certificate_fits(claims):
+            return self.refuse(answers.INVALID_TOKEN)
         failed = conf.requirements.failure(claims) if conf.requirements.configured else None
         if failed in (required.ISSUER, required.AUDIENCE):
             # A token meant for another resource: not a token for this one.
@@ -323,6 +327,22 @@ class _Access:
             kong.log.info(LOG_PREFIX + "DPoP proof refused: %s" % why)
             return answers.INVALID_DPOP_PROOF
         return None
+
+    def certificate_fits(self, claims: Dict[str, Any]) -> bool:
+        """RFC 8705: a certificate-bound token only with its certificate (one PDK call,
+        only for bound tokens, or for all under ``strict``)."""
+        bound = cert_binding.bound_thumbprint(claims) is not None
+        if not bound and self.conf.proof_of_possession_mtls != "strict":
+            return True
+        try:
+            chain = self.kong.client.tls.get_full_client_certificate_chain()
+        except PDKException:   # Kong 2.8 raises what 3.x returns as nil
+            chain = None
+        if bound and cert_binding.matches(claims, chain):
+            return True
+        self.kong.log.info(LOG_PREFIX + "token refused: %s" % (
+            "not certificate-bound" if not bound else "client certificate does not match"))
+        return False
 
     def introspection_headers(self) -> Optional[Dict[str, str]]:
         """Headers for the IdP that depend on this request (they join the cache key)."""

@@ -33,6 +33,8 @@
 //       "introspection_signed_response_alg": "ES256"   optional: RFC 9701 signed
 //                                   answers when asked with Accept:
 //                                   application/token-introspection+jwt
+//       "tls_client_certificate_bound_access_tokens": true   optional (with
+//                                   "tls"): tokens bound to the client certificate
 //       "tls_client_auth_subject_dn": "CN=name"   optional (tls_client_auth:
 //                                   the client certificate's CN must match)
 //     }],
@@ -137,6 +139,8 @@ for (const c of config.clients ?? []) {
     token_endpoint_auth_method: c.token_endpoint_auth_method ?? 'client_secret_basic',
     ...(scopes.length ? { scope: scopes.join(' ') } : {}),
     ...(c.jwks ? { jwks: c.jwks } : {}),
+    ...(c.tls_client_certificate_bound_access_tokens
+      ? { tls_client_certificate_bound_access_tokens: true } : {}),
     ...(c.introspection_signed_response_alg
       ? { introspection_signed_response_alg: c.introspection_signed_response_alg } : {}),
     ...(c.tls_client_auth_subject_dn ? { tls_client_auth_subject_dn: c.tls_client_auth_subject_dn } : {}),
@@ -310,6 +314,9 @@ if (config.tls) {
   providerConfiguration.features.mTLS = {
     enabled: true,
     tlsClientAuth: true,
+    // RFC 8705 section 3: clients registered for it get tokens bound to the
+    // certificate they presented at the token endpoint (cnf.x5t#S256).
+    certificateBoundAccessTokens: true,
     getCertificate: (ctx) => {
       const peer = ctx.socket.getPeerCertificate?.();
       return peer?.raw ? new X509Certificate(peer.raw).toString() : undefined;

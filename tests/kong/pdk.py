@@ -255,6 +255,11 @@ class PDK(object):
 
     m_client__get_forwarded_port = m_client__get_port
 
+    def m_client__tls__get_full_client_certificate_chain(self) -> Optional[str]:
+        # Kong 3.x: the PEM chain, client certificate first; nil (and an error,
+        # which the RPC drops) when the client sent none.
+        return self.s.client_cert
+
     def m_client__get_credential(self) -> Any:
         return self.s.credential
 

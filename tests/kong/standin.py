@@ -392,7 +392,7 @@ class KongStandIn(object):
                 headers: HeadersIn = None, query: Union[None, str, bytes, Dict[str, Any]] = None,
                 body: Union[None, str, bytes] = None, client_ip: str = "127.0.0.1",
                 authenticated: Any = None, authenticated_consumer: Any = None,
-                phase: str = "access") -> Result:
+                phase: str = "access", client_cert: Optional[str] = None) -> Result:
         """One client request through nginx, the plugin and the guard. Headers,
         query and body may be bytes (non-UTF-8 bytes reach the plugin as they are)."""
         if phase not in self._schema(instance.name).phases:
@@ -412,6 +412,7 @@ class KongStandIn(object):
                              body=raw_body, client_ip=client_ip, credential=authenticated,
                              consumer=authenticated_consumer, phase=phase,
                              body_buffer=self.client_body_buffer_size)
+        state.client_cert = client_cert   # PEM chain the client presented over TLS
         r = state.result
         dup = duplicate_unique_header(pairs)
         if dup is not None:

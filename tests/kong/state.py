@@ -18,6 +18,8 @@ __all__ = ["RequestState"]
 
 
 class RequestState(object):
+    client_cert: Optional[str] = None   # PEM chain of a client certificate (mTLS)
+
     def __init__(self, *, standin: Any, instance: Any, method: str, path: str, pairs: Pairs,
                  raw_query: str, body: bytes, client_ip: str, credential: Any, consumer: Any,
                  phase: str, body_buffer: int) -> None:
