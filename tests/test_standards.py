@@ -209,3 +209,15 @@ def test_unusable_settings_are_refused_by_the_config(bad, field):
         Config.parse(dict({"introspection_url": "http://idp/i", "authorization_value": "x"},
                           **bad))
     assert err.value.field == "config." + field
+
+
+def test_the_standards_example_passes_check():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-m", "kong_oauth2_introspection.cli", "check",
+                          str(root / "examples" / "standards.kong.yml")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 oauth2-introspection entries, all valid" in run.stdout
