@@ -163,3 +163,29 @@ def test_a_proof_is_accepted_once_across_the_cluster(idp, redis_standalone):
         replay = b.request(on_b, "GET", "/orders", headers=headers)
         assert replay.status == 401 and replay.json["error"] == "invalid_dpop_proof"
         assert b.request(on_b, "GET", "/orders", headers=holder.headers(token)).status == 200
+
+
+def test_thumbprint_matches_rfc_7638_example():
+    from kong_oauth2_introspection.dpop import thumbprint
+    key = {"kty": "RSA", "e": "AQAB", "alg": "RS256", "kid": "2011-04-29",
+           "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFx"
+                "uhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_R"
+                "N5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL"
+                "5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBn"
+                "iIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"}
+    assert thumbprint(key) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+
+
+def test_unreachable_replay_store_refuses_the_proof(kong, idp):
+    """With store.redis configured but down, a proof cannot be known fresh: refused."""
+    from redis_servers import free_port
+    holder = DPoPClient()
+    token = holder.bound_token(idp)
+    dead = {"key_prefix": "dpop-dead:", "secret": STORE_SECRET,
+            "redis": {"endpoints": ["127.0.0.1:%d" % free_port()], "timeout_ms": 100}}
+    inst = kong.configure(conf(idp, store=dead))
+    r = kong.request(inst, "GET", "/orders", headers=holder.headers(token))
+    assert r.status == 401 and r.json["error"] == "invalid_dpop_proof" and not r.proxied
+    # Unbound tokens do not need the replay store: they still pass (cache degraded).
+    assert kong.request(inst, "GET", "/orders",
+                        headers=bearer(idp.issue_token("alice-app"))).status == 200
