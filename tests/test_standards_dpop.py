@@ -189,3 +189,12 @@ def test_unreachable_replay_store_refuses_the_proof(kong, idp):
     # Unbound tokens do not need the replay store: they still pass (cache degraded).
     assert kong.request(inst, "GET", "/orders",
                         headers=bearer(idp.issue_token("alice-app"))).status == 200
+
+
+def test_a_client_clock_a_little_ahead_is_tolerated(kong, idp):
+    holder = DPoPClient()
+    token = holder.bound_token(idp)
+    inst = kong.configure(conf(idp))
+    r = kong.request(inst, "GET", "/orders",
+                     headers=holder.headers(token, iat=int(time.time()) + 30))
+    assert r.status == 200, r.logs

@@ -134,7 +134,8 @@ class DPoPVerifier:
             raise ProofRejected("proof key is not the key the token is bound to")
         try:
             key = jwt.PyJWK(jwk, algorithm=alg).key
-            claims = jwt.decode(proof, key, algorithms=[alg],
+            # The leeway lets a client clock run ahead; our own window check follows.
+            claims = jwt.decode(proof, key, algorithms=[alg], leeway=FUTURE_SKEW,
                                 options={"require": ["iat", "jti"], "verify_aud": False})
         except (jwt.PyJWTError, ValueError, TypeError) as err:
             raise ProofRejected("proof failed verification: %s" % type(err).__name__) from None

@@ -95,14 +95,16 @@ class JWTAnswers:
         except jwt.PyJWTError:
             raise AnswerRejected("signed answer is not a JWT") from None
         alg, kid = header.get("alg"), header.get("kid")
-        if header.get("typ") != TYP:
+        # RFC 7515 4.1.9: "application/" may be left out of typ, or not.
+        if str(header.get("typ", "")).lower() not in (TYP, "application/" + TYP):
             raise AnswerRejected("signed answer's typ is not " + TYP)
         if alg not in ALGORITHMS or (kid is not None and not isinstance(kid, str)):
             raise AnswerRejected("signed answer's alg or kid is not acceptable")
         key = self._key(kid, alg)
         try:
+            # The leeway lets the server's clock run ahead; the iat window follows.
             payload = jwt.decode(text, key, algorithms=[alg], issuer=self.issuer,
-                                 audience=self.audience,
+                                 audience=self.audience, leeway=IAT_WINDOW,
                                  options={"require": ["iss", "aud", "iat"]})
         except jwt.PyJWTError as err:
             raise AnswerRejected("signed answer failed verification: %s" % err) from None
