@@ -138,3 +138,19 @@ def test_unusable_client_authentication_is_refused_by_check(bad, field):
         Config.parse(dict({"introspection_url": "http://idp/i"}, **bad))
     assert err.value.field == "config." + field
     assert "eDp5" not in str(err.value) and "\"d\"" not in str(err.value)
+
+
+def test_vault_references_pass_the_offline_check(tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / "kong.yml"
+    path.write_text(
+        '_format_version: "3.0"\nplugins:\n'
+        "  - name: oauth2-introspection\n    config:\n"
+        "      introspection_url: https://idp.test/introspect\n"
+        "      introspection_endpoint_auth_method: private_key_jwt\n"
+        "      client_id: kong\n"
+        '      client_jwk: "{vault://env/kong-jwk}"\n')
+    run = subprocess.run([sys.executable, "-m", "kong_oauth2_introspection.cli", "check",
+                          str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr

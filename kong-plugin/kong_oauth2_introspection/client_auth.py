@@ -22,6 +22,8 @@ from urllib.parse import quote
 
 import jwt
 
+from .schema import is_reference
+
 METHODS = ("client_secret_basic", "client_secret_post", "client_secret_jwt",
            "private_key_jwt", "tls_client_auth")
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -87,6 +89,10 @@ class ClientAuth:
         if method == "private_key_jwt":
             if not jwk:
                 raise ClientAuthError("client_jwk", "required by private_key_jwt")
+            if is_reference(jwk):
+                # Only ``check`` sees a vault reference (Kong resolves it before the
+                # plugin starts): the key cannot be judged offline.
+                return cls(method, client_id, alg=alg or "", kid=None)
             key, chosen, kid = _private_jwk(jwk, alg)
             return cls(method, client_id, key=key, alg=chosen, kid=kid)
         if method == "tls_client_auth" and not has_certificate:
@@ -103,6 +109,8 @@ class ClientAuth:
                   "jti": uuid.uuid4().hex, "iat": now, "exp": now + ASSERTION_LIFETIME}
         headers = {"kid": self.kid} if self.kid else None
         key = self.secret if self.method == "client_secret_jwt" else self.key
+        if key is None:
+            raise ClientAuthError("client_jwk", "is an unresolved vault reference")
         return jwt.encode(claims, key, algorithm=self.alg, headers=headers)
 
     def apply(self, endpoint: str, form: Dict[str, str], headers: Dict[str, str]) -> None:
