@@ -28,6 +28,9 @@ def _ec_jwk(kid):
 
 PRIVATE_JWK, PUBLIC_JWK = _ec_jwk("rs-key-1")
 OTHER_PRIVATE_JWK, _ = _ec_jwk("rs-key-1")   # same kid, another key: a forgery
+# The private parts, named so that conftest searches every log for them.
+CLIENT_JWK_PRIVATE_KEY = json.loads(PRIVATE_JWK)["d"]
+OTHER_JWK_PRIVATE_KEY = json.loads(OTHER_PRIVATE_JWK)["d"]
 
 
 @pytest.fixture(scope="module")
