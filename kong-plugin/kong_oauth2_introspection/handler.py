@@ -318,7 +318,9 @@ class _Access:
             kong.log.info(LOG_PREFIX + "token refused: DPoP-bound token without DPoP")
             return answers.DPOP_BOUND
         req = self.req
-        scheme = kong.request.get_scheme()
+        # X-Forwarded-Proto when it comes from trusted_ips: a proxy that terminates
+        # TLS before Kong leaves the client's https URL in the proof.
+        scheme = kong.request.get_forwarded_scheme()
         url = "%s://%s%s" % (scheme, req.header("host") or "", req.path)
         try:
             blocking(self.rt.dpop.verify, req.headers.get("dpop"),  # type: ignore[union-attr]
