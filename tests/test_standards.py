@@ -65,6 +65,20 @@ def test_scope_failure_never_falls_back_to_anonymous(kong, idp):
     assert r.status == 403 and r.consumer is None
 
 
+def test_scopes_and_audience_from_other_claims(kong, idp):
+    # alice-app's answers carry "areas": ["office", "home"] and "grp": "admin"
+    # (bob-app's: "grp": "dev"): the claims openid-connect's *_claim options name.
+    inst = kong.configure(conf(idp, scopes_required=["home"], scopes_claim=["areas"],
+                               audience_required=["admin"], audience_claim=["grp"]))
+    assert kong.request(inst, "GET", "/", headers=bearer(idp.issue_token("alice-app"))).status \
+        == 200
+    r = kong.request(inst, "GET", "/", headers=bearer(idp.issue_token("bob-app")))
+    assert r.status == 401 and r.json["error"] == "invalid_token"
+    lab = kong.configure(conf(idp, scopes_required=["lab"], scopes_claim=["areas"]))
+    r = kong.request(lab, "GET", "/", headers=bearer(idp.issue_token("alice-app")))
+    assert r.status == 403 and challenge_params(r)["scope"] == "lab"
+
+
 # -- audience_required / issuers_allowed: 401 invalid_token -------------------
 
 def test_audience_required(kong, idp):

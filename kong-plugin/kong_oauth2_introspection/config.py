@@ -198,7 +198,8 @@ class Config:
         requirements = Requirements(
             scopes=any_of(c["scopes_required"] or ()),
             audiences=any_of(c["audience_required"] or ()),
-            issuers=frozenset(c["issuers_allowed"] or ()))
+            issuers=frozenset(c["issuers_allowed"] or ()),
+            scopes_claim=tuple(c["scopes_claim"]), audience_claim=tuple(c["audience_claim"]))
         if not all(metadata.safe(scope) for needed in requirements.scopes for scope in needed):
             raise ConfigError("config.scopes_required", "a scope may not hold a quote or a "
                               "backslash (RFC 6749 section 3.3)")

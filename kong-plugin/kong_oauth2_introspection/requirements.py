@@ -15,6 +15,8 @@ not enough: 403 ``insufficient_scope`` (RFC 6750 section 3.1).
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterable, Optional, Tuple
 
+from .claims import resolve
+
 AnyOf = Tuple[FrozenSet[str], ...]
 
 # What failed, for the handler to choose the answer.
@@ -50,6 +52,10 @@ class Requirements:
     scopes: AnyOf = ()
     audiences: AnyOf = ()
     issuers: FrozenSet[str] = frozenset()
+    # Where the values are, as openid-connect's scopes_claim / audience_claim:
+    # path segments through nested objects (["realm_access", "roles"]).
+    scopes_claim: Tuple[str, ...] = ("scope",)
+    audience_claim: Tuple[str, ...] = ("aud",)
 
     @property
     def configured(self) -> bool:
@@ -67,8 +73,8 @@ class Requirements:
         iss = claims.get("iss")
         if self.issuers and not (isinstance(iss, str) and iss in self.issuers):
             return ISSUER
-        if not _holds(self.audiences, claims.get("aud")):
+        if self.audiences and not _holds(self.audiences, resolve(claims, self.audience_claim)):
             return AUDIENCE
-        if not _holds(self.scopes, claims.get("scope")):
+        if self.scopes and not _holds(self.scopes, resolve(claims, self.scopes_claim)):
             return SCOPE
         return None
