@@ -190,6 +190,15 @@ def test_a_client_finds_its_way_from_the_challenge(kong, idp):
     assert r.status == 200
 
 
+def test_metadata_names_sender_constraints(kong, idp):
+    inst = kong.configure(metadata_conf(idp, proof_of_possession_dpop="strict",
+                                        proof_of_possession_mtls="strict"))
+    document = kong.request(inst, "GET", "/.well-known/oauth-protected-resource/orders").json
+    assert document["dpop_bound_access_tokens_required"] is True
+    assert "ES256" in document["dpop_signing_alg_values_supported"]
+    assert document["tls_client_certificate_bound_access_tokens"] is True
+
+
 def test_configured_path(kong, idp):
     inst = kong.configure(conf(idp, resource_metadata={"resource": "https://api.test/",
                                                        "path": "/meta"}))

@@ -204,7 +204,9 @@ class Config:
             raise ConfigError("config.scopes_required", "a scope may not hold a quote or a "
                               "backslash (RFC 6749 section 3.3)")
         try:
-            resource_metadata = metadata.build(c["resource_metadata"], source)
+            resource_metadata = metadata.build(c["resource_metadata"], source,
+                                               c["proof_of_possession_dpop"],
+                                               c["proof_of_possession_mtls"])
         except metadata.MetadataError as err:
             raise ConfigError("config.resource_metadata." + err.field, str(err)) from None
 

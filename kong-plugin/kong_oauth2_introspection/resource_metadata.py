@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 from urllib.parse import urlsplit
 
+from .responses import DPOP_ALGS
+
 WELL_KNOWN = "/.well-known/oauth-protected-resource"
 
 # Values that go inside a quoted auth-param or a URL: no quote, backslash,
@@ -70,8 +72,10 @@ def bearer_methods(token_source: Any) -> Tuple[str, ...]:
     return tuple(methods)
 
 
-def build(raw: Dict[str, Any], token_source: Any) -> Optional[ResourceMetadata]:
-    """The metadata of a config's ``resource_metadata`` record; None when it names no resource."""
+def build(raw: Dict[str, Any], token_source: Any, dpop: str = "off",
+          mtls: str = "off") -> Optional[ResourceMetadata]:
+    """The metadata of a config's ``resource_metadata`` record; None when it names no
+    resource. ``dpop`` and ``mtls`` are the proof_of_possession_* modes it advertises."""
     resource = raw.get("resource")
     if not resource:
         return None
@@ -91,6 +95,12 @@ def build(raw: Dict[str, Any], token_source: Any) -> Optional[ResourceMetadata]:
     if scopes:
         document["scopes_supported"] = scopes
     document["bearer_methods_supported"] = list(bearer_methods(token_source))
+    if dpop != "off":   # RFC 9728 section 2, from RFC 9449 and RFC 8705
+        document["dpop_signing_alg_values_supported"] = list(DPOP_ALGS.split())
+    if dpop == "strict":
+        document["dpop_bound_access_tokens_required"] = True
+    if mtls == "strict":
+        document["tls_client_certificate_bound_access_tokens"] = True
     for name in ("resource_name", "resource_documentation"):
         if raw.get(name):
             document[name] = raw[name]
