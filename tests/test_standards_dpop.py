@@ -97,8 +97,17 @@ def test_bound_token_with_a_fresh_proof_passes_once(kong, idp):
     assert kong.request(inst, "GET", "/orders", headers=holder.headers(token)).status == 200
 
 
+def _odd_proof(holder, token, **header):
+    claims = {"jti": uuid.uuid4().hex, "htm": "GET", "htu": URL, "iat": int(time.time()),
+              "ath": b64url(hashlib.sha256(token.encode()).digest())}
+    return {"Authorization": "DPoP " + token,
+            "DPoP": jwt.encode(claims, holder.key, algorithm="ES256",
+                               headers=dict({"typ": "dpop+jwt", "jwk": holder.jwk}, **header))}
+
+
 @pytest.mark.parametrize("what", ["other key", "method", "url", "old", "future", "ath",
-                                  "no proof", "two proofs"])
+                                  "no proof", "two proofs", "odd jwk", "private jwk",
+                                  "typ", "garbage"])
 def test_a_proof_that_does_not_fit_is_refused(kong, idp, what):
     holder = DPoPClient()
     token = holder.bound_token(idp)
@@ -114,6 +123,10 @@ def test_a_proof_that_does_not_fit_is_refused(kong, idp, what):
         "two proofs": lambda: [("Authorization", "DPoP " + token),
                                ("DPoP", holder.proof("GET", URL, token)),
                                ("DPoP", holder.proof("GET", URL, token))],
+        "odd jwk": lambda: _odd_proof(holder, token, jwk=dict(holder.jwk, kty=["EC"])),
+        "private jwk": lambda: _odd_proof(holder, token, jwk=dict(holder.jwk, d="AAAA")),
+        "typ": lambda: _odd_proof(holder, token, typ="JWT"),
+        "garbage": lambda: {"Authorization": "DPoP " + token, "DPoP": "not.a.jwt"},
     }[what]()
     r = kong.request(inst, "GET", "/orders", headers=headers)
     assert r.status == 401 and r.json["error"] == "invalid_dpop_proof", (what, r.body)

@@ -44,8 +44,9 @@ def b64url(data: bytes) -> str:
 
 def thumbprint(jwk: Dict[str, Any]) -> str:
     """RFC 7638: SHA-256 of the required members, sorted, no whitespace."""
+    kty = jwk.get("kty")
     members = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"),
-               "OKP": ("crv", "kty", "x")}.get(jwk.get("kty", ""))
+               "OKP": ("crv", "kty", "x")}.get(kty if isinstance(kty, str) else "")
     if members is None or any(not isinstance(jwk.get(m), str) for m in members):
         raise ProofRejected("proof key is not an EC, RSA or OKP public key")
     canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"),
@@ -125,7 +126,8 @@ class DPoPVerifier:
         except jwt.PyJWTError:
             raise ProofRejected("proof is not a JWT") from None
         alg, jwk = header.get("alg"), header.get("jwk")
-        if header.get("typ") != "dpop+jwt" or alg not in ALGORITHMS or not isinstance(jwk, dict):
+        if header.get("typ") != "dpop+jwt" or not isinstance(alg, str) \
+                or alg not in ALGORITHMS or not isinstance(jwk, dict):
             raise ProofRejected("proof header must carry typ dpop+jwt, an asymmetric alg "
                                 "and a jwk")
         if "d" in jwk or any(k in jwk for k in ("p", "q", "dp", "dq", "qi")):

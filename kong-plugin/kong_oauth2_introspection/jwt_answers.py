@@ -51,8 +51,8 @@ class _KeySet:
         self.keys: Dict[Optional[str], Tuple[Any, Dict[str, Any]]] = {}
         entries = document.get("keys") if isinstance(document, dict) else None
         for data in entries if isinstance(entries, list) else []:
-            if not isinstance(data, dict) or data.get("kty") not in _FAMILY \
-                    or data.get("use", "sig") != "sig":
+            if not isinstance(data, dict) or not isinstance(data.get("kty"), str) \
+                    or data["kty"] not in _FAMILY or data.get("use", "sig") != "sig":
                 continue
             try:
                 key = jwt.PyJWK(data)
@@ -72,7 +72,7 @@ class _KeySet:
 
 def _fits(data: Dict[str, Any], alg: str) -> bool:
     # An RSA key never verifies an ES256 signature, whatever the header claims.
-    return data.get("alg", alg) == alg and alg in _FAMILY.get(data.get("kty", ""), ())
+    return data.get("alg", alg) == alg and alg in _FAMILY.get(str(data.get("kty")), ())
 
 
 class JWTAnswers:
@@ -98,7 +98,8 @@ class JWTAnswers:
         # RFC 7515 4.1.9: "application/" may be left out of typ, or not.
         if str(header.get("typ", "")).lower() not in (TYP, "application/" + TYP):
             raise AnswerRejected("signed answer's typ is not " + TYP)
-        if alg not in ALGORITHMS or (kid is not None and not isinstance(kid, str)):
+        if not isinstance(alg, str) or alg not in ALGORITHMS \
+                or (kid is not None and not isinstance(kid, str)):
             raise AnswerRejected("signed answer's alg or kid is not acceptable")
         key = self._key(kid, alg)
         try:
