@@ -292,8 +292,7 @@ class _Access:
         context = json.dumps(extra, sort_keys=True) if extra else ""
         cache, policy = self.rt.cache, self.rt.policy
         key = self.key = cache.key(token, context)
-        peek = getattr(cache, "peek", None)
-        entry = peek(key, policy) if peek is not None else None
+        entry = cache.peek(key, policy)  # in process, no I/O: the hit path
         if entry is None:
             introspector = self.rt.introspector
             try:

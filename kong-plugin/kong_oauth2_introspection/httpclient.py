@@ -8,9 +8,13 @@ wakes the blocked read at once. Answers are read up to a size cap, so a huge
 answer costs at most that much memory.
 """
 
+import atexit
 import heapq
 import itertools
+import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
@@ -143,11 +147,49 @@ class _Adapter(HTTPAdapter):
 _FAILURES = (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError)
 
 
+def _private_files(tls: Any, prefix: str) -> Dict[str, str]:
+    """The PEM strings of ``tls`` (ca, cert, key) as files only this process can read:
+    requests takes CA bundles and client certificates only as paths."""
+    folder = tempfile.mkdtemp(prefix=prefix)  # mode 0700
+    atexit.register(shutil.rmtree, folder, True)
+    paths = {"folder": folder}
+    for name in ("ca", "cert", "key"):
+        pem = getattr(tls, name, None)
+        if pem:
+            path = os.path.join(folder, name + ".pem")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(pem)
+            paths[name] = path
+    return paths
+
+
 class HTTPClient:
-    """One pooled session; owns its connections and closes them in ``close``."""
+    """One pooled session; owns its connections (and TLS files) and closes them in
+    ``close``."""
+
+    @classmethod
+    def for_tls(cls, tls: Any, *, prefix: str, option: str, what: str, log: Any = None,
+                pool_maxsize: int = 64) -> "HTTPClient":
+        """A client for a config's TLS record (``ca``, ``cert``, ``key``,
+        ``insecure_skip_verify``): a CA replaces the system's, a certificate is sent."""
+        files = _private_files(tls, prefix) if (tls.ca or tls.cert) else {}
+        verify: Any = True
+        if tls.insecure_skip_verify:
+            verify = False
+            if log is not None:
+                log.warn("%s.insecure_skip_verify is on: %s's certificate is not verified"
+                         % (option, what))
+        elif "ca" in files:
+            verify = files["ca"]
+        cert = (files["cert"], files["key"]) if "cert" in files else None
+        client = cls(pool_maxsize=pool_maxsize, verify=verify, cert=cert)
+        client._folder = files.get("folder")
+        return client
 
     def __init__(self, *, pool_maxsize: int = 64, verify: Any = True,
                  cert: Optional[Tuple[str, str]] = None):
+        self._folder: Optional[str] = None
         self.session = requests.Session()
         self.session.trust_env = False  # no proxy or netrc from the environment
         self.adapter = _Adapter(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=0)
@@ -207,3 +249,6 @@ class HTTPClient:
 
     def close(self) -> None:
         self.session.close()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None

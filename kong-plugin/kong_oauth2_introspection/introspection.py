@@ -7,14 +7,10 @@ they are read. Failures are retried ``max_retries`` times with backoff, only
 when the server gave no answer (connection error, timeout) or a 5xx.
 """
 
-import atexit
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import threading
 import time
 from typing import Any, Dict, NamedTuple, Optional
@@ -85,22 +81,6 @@ def usable(claims: Dict[str, Any], now: float) -> bool:
     return True
 
 
-def _private_files(tls) -> Dict[str, str]:
-    """PEM strings from the config, written where only this process can read them."""
-    folder = tempfile.mkdtemp(prefix="oauth2-introspection-tls-")  # mode 0700
-    atexit.register(shutil.rmtree, folder, True)
-    paths = {"folder": folder}
-    for name in ("ca", "cert", "key"):
-        pem = getattr(tls, name)
-        if pem:
-            path = os.path.join(folder, name + ".pem")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(pem)
-            paths[name] = path
-    return paths
-
-
 def certificate_fingerprint(pem: Optional[str]) -> str:
     """What identifies a client certificate in the cache identity (not the key)."""
     return hashlib.sha256(pem.encode()).hexdigest() if pem else ""
@@ -123,21 +103,9 @@ class Introspector:
         if conf.keepalive <= 0:
             self.headers["Connection"] = "close"
 
-        self._files: Optional[Dict[str, str]] = None
-        tls = conf.client_tls
-        if tls.ca or tls.cert:
-            self._files = _private_files(tls)
-        verify: Any = True
-        if tls.insecure_skip_verify:
-            verify = False
-            if log:
-                log.warn("client_tls.insecure_skip_verify is on: the introspection "
-                         "endpoint's certificate is not verified")
-        elif self._files and "ca" in self._files:
-            verify = self._files["ca"]
-        cert = (self._files["cert"], self._files["key"]) \
-            if self._files and "cert" in self._files else None
-        self.http = HTTPClient(pool_maxsize=64, verify=verify, cert=cert)
+        self.http = HTTPClient.for_tls(conf.client_tls, prefix="oauth2-introspection-tls-",
+                                       option="client_tls", what="the introspection endpoint",
+                                       log=log)
         self.pre_authorization: Optional[PreAuthorization] = None
         if conf.pre_authorization is not None and conf.client_auth is not None:
             token_url, scope = conf.pre_authorization
@@ -231,5 +199,3 @@ class Introspector:
 
     def close(self) -> None:
         self.http.close()
-        if self._files:
-            shutil.rmtree(self._files["folder"], ignore_errors=True)

@@ -7,7 +7,7 @@ Everything is gathered into one table for a single
 
 import json
 import re
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Union
 
 from .claims import MISSING, resolve
 from .config import Config

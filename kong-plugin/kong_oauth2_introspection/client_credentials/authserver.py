@@ -9,20 +9,16 @@ server drips, and answers are capped in size. Connection errors, timeouts and
 Error texts are safe to log: they never hold credentials, tokens or bodies.
 """
 
-import atexit
 import base64
 import json
-import os
 import random
-import shutil
-import tempfile
 import time
 from typing import Any, Dict, NamedTuple, Optional
 from urllib.parse import quote, urlsplit
 
 from ..concurrency import Deadline
 from ..httpclient import HTTPClient, HTTPFailure, Reply
-from .config import TLS, Config
+from .config import Config
 
 _BACKOFF_BASE = 0.05
 _BACKOFF_MAX = 1.0
@@ -62,46 +58,15 @@ class Issued(NamedTuple):
     token_type: str
 
 
-def _private_copy(tls: TLS) -> Dict[str, str]:
-    """requests takes CA bundles and client certificates only as files (0600, in a 0700 folder)."""
-    folder = tempfile.mkdtemp(prefix="oauth2-client-credentials-tls-")   # mode 0700
-    atexit.register(shutil.rmtree, folder, True)
-    paths = {"folder": folder}
-    for name in ("ca", "cert", "key"):
-        pem = getattr(tls, name)
-        if pem:
-            path = os.path.join(folder, name + ".pem")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(pem)
-            paths[name] = path
-    return paths
-
-
 class AuthServer:
     def __init__(self, conf: Config, log: Any = None):
         self.conf = conf
-        self._files: Optional[Dict[str, str]] = None
-        tls = conf.tls
-        if tls.ca or tls.cert:
-            self._files = _private_copy(tls)
-        verify: Any = True
-        if tls.insecure_skip_verify:
-            verify = False
-            if log is not None:
-                log.warn("client_config.tls.insecure_skip_verify is on: the authorization "
-                         "server's certificate is not verified")
-        elif self._files and "ca" in self._files:
-            verify = self._files["ca"]
-        cert = (self._files["cert"], self._files["key"]) \
-            if self._files and "cert" in self._files else None
-        self.http = HTTPClient(pool_maxsize=64, verify=verify, cert=cert)
+        self.http = HTTPClient.for_tls(conf.tls, prefix="oauth2-client-credentials-tls-",
+                                       option="client_config.tls",
+                                       what="the authorization server", log=log)
 
     def close(self) -> None:
         self.http.close()
-        if self._files:
-            shutil.rmtree(self._files["folder"], True)
-            self._files = None
 
     # -- the three calls ------------------------------------------------------
 
