@@ -87,9 +87,9 @@ def test_equal_plugin_fields_share_one_runtime_whatever_kong_adds(idp):
                     __ws_id="w", some_future_key={"x": 1}))
     c = Plugin(dict(base, ttl=13, route_id="r-1"))
     try:
-        assert a._runtime is b._runtime
-        assert c._runtime is not a._runtime
-        assert not hasattr(a._runtime, "error")  # usable, not an Unusable config
+        assert a.runtime is b.runtime
+        assert c.runtime is not a.runtime
+        assert not hasattr(a.runtime, "error")  # usable, not an Unusable config
     finally:
         for p in (a, b, c):
             p.close()

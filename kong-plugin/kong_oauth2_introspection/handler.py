@@ -13,7 +13,6 @@ through only requests that were authenticated), or the one deliberate pass
 without authentication, a CORS preflight when ``run_on_preflight`` is false.
 """
 
-import hashlib
 import json
 import time
 from typing import Any, Dict, List, Optional
@@ -35,6 +34,7 @@ from .jwt_answers import JWT_KEY
 from .log import LOG
 from .request import IncomingRequest, Uninspectable
 from .responses import Refusal
+from .server.instances import PluginInstance, Unusable
 from .server.registry import Registry
 from .store import RedisStore
 from .tokens import Found, MalformedToken, TokenFinder, without_cookie
@@ -114,58 +114,28 @@ class Runtime:
         CACHES.release(self._cache_key)
 
 
-class Unusable:
-    """A config the plugin cannot use: every request under it gets 500, logged."""
-
-    def __init__(self, error: ConfigError):
-        self.error = error
-
-    def close(self) -> None:
-        pass
-
-
-def _build(conf_only: Dict[str, Any]):
-    try:
-        return Runtime(Config.parse(conf_only))
-    except ConfigError as err:
-        runtime: Any = Unusable(err)
-    except Exception as err:  # noqa: BLE001 - e.g. unreadable PEM; its text may hold secrets
-        runtime = Unusable(ConfigError("config", "cannot be used (%s)" % type(err).__name__))
-    LOG.err("unusable config, every request under it gets 500: %s" % runtime.error)
-    return runtime
-
-
 # Instances whose configs have equal plugin fields share one runtime, whatever
 # keys Kong adds around them (route_id, __seq__, ...).
 RUNTIMES: "Registry[Any]" = Registry(idle=16)
 
 
-class Plugin:
+class Plugin(PluginInstance):
     NAME = NAME
     VERSION = VERSION
     PRIORITY = PRIORITY
-    PHASES = ("access",)
+    SCHEMA = schema_module.load(NAME)
+    RUNTIMES = RUNTIMES
+    CONFIG_ERRORS = (ConfigError,)
 
-    @staticmethod
-    def kong_schema() -> Dict[str, Any]:
-        return schema_module.load(NAME).kong_schema()
-
-    def __init__(self, config: Any):
-        conf_only = schema_module.from_kong(config)
-        self._key: Optional[str] = hashlib.sha256(
-            json.dumps(conf_only, sort_keys=True, default=str).encode()).hexdigest()
-        self._runtime = RUNTIMES.acquire(self._key, lambda: _build(conf_only))
-
-    def close(self) -> None:
-        key, self._key = self._key, None
-        if key is not None:
-            RUNTIMES.release(key)
+    @classmethod
+    def build(cls, conf_only: Dict[str, Any]) -> "Runtime":
+        return Runtime(Config.parse(conf_only))
 
     def access(self, kong) -> None:
         # An exception reaching the server is answered 500 there too; here it is
         # logged with the plugin's name and answered the same way.
         try:
-            runtime = self._runtime
+            runtime = self.runtime
             if isinstance(runtime, Unusable):
                 kong.log.err(LOG_PREFIX + "unusable config: %s" % runtime.error)
                 metrics.decision(metrics.ERROR, "unusable_config")

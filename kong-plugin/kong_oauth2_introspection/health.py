@@ -59,7 +59,7 @@ def _configs(server: Any) -> List[Dict[str, Any]]:
     """One entry per distinct runtime, with the Kong plugin ids using it."""
     seen: Dict[int, Dict[str, Any]] = {}
     for instance in _instances(server) if server is not None else []:
-        runtime = getattr(instance.plugin, "_runtime", None)
+        runtime = getattr(instance.plugin, "runtime", None)
         if runtime is None:
             continue
         entry = seen.setdefault(id(runtime), {"plugin": instance.name, "runtime": runtime,

@@ -13,7 +13,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import uuid
 from typing import Any, Dict, List, Optional, Union
 
@@ -24,6 +23,7 @@ from ..claims import MISSING, resolve
 from ..concurrency import Deadline, DeadlineExceeded, blocking, current_deadline, deadline_scope
 from ..log import LOG
 from ..responses import Refusal
+from ..server.instances import PluginInstance, Unusable
 from ..server.registry import Registry
 from ..store import RedisStore
 from ..upstream import header_value
@@ -109,55 +109,29 @@ class Runtime:
         self.server.close()
 
 
-class _Unusable:
-    """A config the plugin cannot use: every request under it gets 500, logged."""
-
-    def __init__(self, error: ConfigError):
-        self.error = error
-
-    def close(self) -> None:
-        pass
-
-
-def _build(conf_only: Dict[str, Any]) -> Union[Runtime, _Unusable]:
-    try:
-        return Runtime(Config.parse(conf_only), LOG)
-    except ConfigError as err:
-        unusable = _Unusable(err)
-    except Exception as err:   # noqa: BLE001 - e.g. an unreadable PEM; its text may hold secrets
-        unusable = _Unusable(ConfigError("config: cannot be used (%s)" % type(err).__name__))
-    LOG.err(LOG_PREFIX + "unusable config, every request under it gets 500: %s"
-            % unusable.error)
-    return unusable
-
-
 # Kong starts one instance per config and nginx worker: equal configs share one
 # runtime (HTTP pool, key set, token cache), closed when the last one goes.
-RUNTIMES: "Registry[Union[Runtime, _Unusable]]" = Registry(idle=16)
+RUNTIMES: "Registry[Any]" = Registry(idle=16)
 
 
-class Plugin:
+class Plugin(PluginInstance):
     NAME = NAME
     VERSION = VERSION
     PRIORITY = PRIORITY
-    PHASES = ("access",)
+    SCHEMA = SCHEMA
+    RUNTIMES = RUNTIMES
+    CONFIG_ERRORS = (ConfigError,)
 
-    @staticmethod
-    def kong_schema() -> Dict[str, Any]:
-        return SCHEMA.kong_schema()
-
-    def __init__(self, config: Any):
-        conf_only = SCHEMA.from_kong(config)   # Kong's own keys (route_id, __seq__) aside
-        self._key: Optional[str] = hashlib.sha256(
-            json.dumps(conf_only, sort_keys=True, default=str).encode()).hexdigest()
-        self._runtime = RUNTIMES.acquire(self._key, lambda: _build(conf_only))
+    @classmethod
+    def build(cls, conf_only: Dict[str, Any]) -> "Runtime":
+        return Runtime(Config.parse(conf_only), LOG)
 
     def access(self, kong: Any) -> None:
         # An exception reaching the server leaves Kong's call unanswered, and Kong
         # then lets the request through: every failure must end in a response.
         try:
-            runtime = self._runtime
-            if isinstance(runtime, _Unusable):
+            runtime = self.runtime
+            if isinstance(runtime, Unusable):
                 kong.log.err(LOG_PREFIX + "unusable config: %s" % runtime.error)
                 return _exit(kong, responses.SERVER_ERROR)
             _access(runtime, kong)
@@ -168,10 +142,6 @@ class Plugin:
             except Exception:   # noqa: BLE001 - Kong is gone; nothing left to tell
                 pass
 
-    def close(self) -> None:
-        key, self._key = self._key, None
-        if key is not None:
-            RUNTIMES.release(key)
 
 
 def _exit(kong: Any, refusal: Refusal) -> None:
