@@ -6,7 +6,8 @@
 #   bash docker/try.sh            # the plugin's answers
 #   bash docker/try.sh --guard    # also: kill the plugin server, see the guard's 503
 #
-# Needs curl. Ports follow the compose file's variables (KONG_PROXY_PORT,
+# Needs curl. The compose project is COMPOSE_PROJECT_NAME (as docker compose
+# reads it) when set. Ports follow the compose file's variables (KONG_PROXY_PORT,
 # KEYCLOAK_PORT). Exits non-zero at the first answer that is not the expected one.
 set -euo pipefail
 cd "$(dirname "$0")"

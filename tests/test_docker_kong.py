@@ -381,6 +381,17 @@ def test_answers_are_shared_through_redis_encrypted(stack):
 
 # --- The guard: a dead or hung plugin server never lets a request through ----
 
+def test_the_users_try_script_passes_against_the_stack(stack):
+    # docker/try.sh is what a user runs after `docker compose up`: Keycloak tokens
+    # through Kong, every status checked. Same ports and project as this stack.
+    if COMPOSE[:2] != ["docker", "compose"]:
+        pytest.skip("docker/try.sh calls `docker compose`; only docker-compose is here")
+    env = dict(stack.env, COMPOSE_PROJECT_NAME=stack.project)
+    done = subprocess.run(["bash", str(ROOT / "docker" / "try.sh")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
 def test_killed_server_gives_503_not_the_upstream(stack):
     import signal
     statuses = []
