@@ -312,6 +312,10 @@ def test_non_utf8_bytes_drop_kong_pdk_connection_and_fail_open(fragile):
     r = e.value.result
     assert r.kong_error == "no data" and r.passed_unauthenticated and r.status == 200
     assert r.upstream.headers["X-Consumer-ID"] == "evil"
+    # The server's traceback reaches its log through a reader thread: allow it a moment.
+    deadline = time.monotonic() + 10
+    while "UnicodeDecodeError" not in fragile.server_log() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "UnicodeDecodeError" in fragile.server_log()
 
 
