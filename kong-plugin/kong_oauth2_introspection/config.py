@@ -9,6 +9,7 @@ from . import claims as claims_language
 from . import resource_metadata as metadata
 from . import schema
 from .client_auth import ClientAuth, ClientAuthError
+from .httpclient import TLS
 from .requirements import Requirements, any_of
 from .templates import Template, TemplateError
 
@@ -42,15 +43,6 @@ class TokenSource:
     @property
     def configured(self) -> bool:
         return bool(self.header or self.query or self.cookie)
-
-
-@dataclass(frozen=True)
-class TLS:
-    ca: Optional[str] = None
-    cert: Optional[str] = None
-    key: Optional[str] = field(default=None, repr=False)
-    insecure_skip_verify: bool = False
-    enabled: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import socket
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import requests
@@ -25,6 +26,15 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from .concurrency import DeadlineExceeded, current_deadline
+
+
+@dataclass(frozen=True)
+class TLS:
+    """A config's TLS record for a server the plugin calls (both plugins use it)."""
+    ca: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = field(default=None, repr=False)
+    insecure_skip_verify: bool = False
 
 
 class HTTPFailure(Exception):
@@ -169,7 +179,7 @@ class HTTPClient:
     ``close``."""
 
     @classmethod
-    def for_tls(cls, tls: Any, *, prefix: str, option: str, what: str, log: Any = None,
+    def for_tls(cls, tls: TLS, *, prefix: str, option: str, what: str, log: Any = None,
                 pool_maxsize: int = 64) -> "HTTPClient":
         """A client for a config's TLS record (``ca``, ``cert``, ``key``,
         ``insecure_skip_verify``): a CA replaces the system's, a certificate is sent."""

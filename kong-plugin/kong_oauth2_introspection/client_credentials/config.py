@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from .. import claims as claims_language
 from .. import schema
+from ..httpclient import TLS
 
 SCHEMA = schema.load("oauth2-client-credentials")
 
@@ -18,14 +19,6 @@ _ALWAYS_OWNED = frozenset({"authorization"})
 
 class ConfigError(ValueError):
     """A config the plugin cannot use; the text names the field, never its value."""
-
-
-@dataclass(frozen=True)
-class TLS:
-    ca: Optional[str] = None
-    cert: Optional[str] = None
-    key: Optional[str] = field(default=None, repr=False)
-    insecure_skip_verify: bool = False
 
 
 @dataclass(frozen=True)
