@@ -171,7 +171,10 @@ def test_hits_and_redis_writes_counted(observed, redis_standalone):
         after, _ = scrape(observed)
         assert len(idp.calls) == 1
     assert delta(before, after, P + "cache_lookups_total", result="miss") == 1
-    assert delta(before, after, P + "cache_lookups_total", result="hit") == 2
+    # Served without the IdP: from this process, or from Redis when the store's
+    # subscription (re)started in between and emptied the process's copy.
+    assert delta(before, after, P + "cache_lookups_total", result="hit") \
+        + delta(before, after, P + "cache_lookups_total", result="shared_hit") == 2
     assert delta(before, after, P + "redis_command_duration_seconds_count", operation="set") == 1
     assert delta(before, after, P + "redis_command_duration_seconds_count", operation="get") >= 1
 

@@ -51,6 +51,7 @@ DEFAULT_DEADLINE = REQUEST_DEADLINE
 MAX_DEADLINE = 50.0        # Kong gives up (and fails open) after 60 s
 DEFAULT_WORKERS = 256      # concurrent blocking calls (IdP misses, Redis, Admin API)
 MAX_INSTANCES = 4096       # Kong never closes instances of a worker that died
+INSTANCE_IDLE = 600.0      # ... nor those it lost in a race; Kong restarts a closed one
 ABANDONED_AFTER = 70.0     # an event Kong stopped stepping is dropped after this
 SWEEP_INTERVAL = 5.0
 
@@ -155,7 +156,7 @@ def _in_worker(fn: Callable[..., Any], args: Tuple[Any, ...], deadline: Deadline
 
 
 class _Instance:
-    __slots__ = ("id", "name", "plugin", "config", "started")
+    __slots__ = ("id", "name", "plugin", "config", "started", "used")
 
     def __init__(self, iid: int, name: str, plugin: Any, config: Any):
         self.id = iid
@@ -163,6 +164,7 @@ class _Instance:
         self.plugin = plugin
         self.config = config
         self.started = time.time()
+        self.used = time.monotonic()
 
 
 def _packer() -> msgpack.Packer:
@@ -270,6 +272,7 @@ class PluginServer:
             conn.reply(msgid, "no plugin instance #%s" % (iid,), None)
             return
         self.instances.move_to_end(instance.id)
+        instance.used = time.monotonic()
         handler = getattr(instance.plugin, str(arg.get("EventName")), None)
         event_id = self._next_event
         self._next_event += 1
@@ -370,8 +373,14 @@ class PluginServer:
             self._drive(event, _EXPIRED)
 
     def _sweep(self) -> None:
-        """Drop events Kong stopped stepping (its request died): bounded memory."""
+        """Drop events Kong stopped stepping (its request died), and close instances
+        unused for INSTANCE_IDLE seconds (Kong loses some when it starts instances
+        concurrently; a closed one it still uses gets "no plugin instance" and is
+        started again): bounded memory, files and sockets."""
         now = time.monotonic()
+        for instance in [i for i in self.instances.values() if now - i.used > INSTANCE_IDLE]:
+            del self.instances[instance.id]
+            self._close(instance)
         for event in [e for e in self.events.values()
                       if now > e.deadline.at + ABANDONED_AFTER and e.parked is None]:
             self._finish(event)
