@@ -56,7 +56,7 @@ def _collect_logs():
         _TALLY["requests"] += 1
         if result.proxied:
             _TALLY["proxied"] += 1
-            if result.passed_unauthenticated and not (result.credential or result.consumer):
+            if result.passed_unauthenticated:
                 _TALLY["passed unauthenticated"] += 1
             up = result.upstream.headers if result.upstream is not None else {}
             # (With another plugin's credential, its consumer headers are its own.)

@@ -76,10 +76,7 @@ def load(kong, inst_of, n=PER_ROW, during=None, token=lambda i: "tok-m-%d" % i):
 
 def record(row, results, lost, took, *, allow_200=False):
     counts = collections.Counter(r.status for r in results)
-    # Kong failed open after the plugin had already authenticated the request (the
-    # server died between authenticate and "ret"): decided, not unauthenticated.
-    unauth = sum(1 for r in results if r.passed_unauthenticated
-                 and not (r.credential or r.consumer))
+    unauth = sum(1 for r in results if r.passed_unauthenticated)
     spoofed = sum(1 for r in results if r.proxied and
                   "evil" in r.upstream.headers.getall("X-Consumer-ID"))
     TABLE.append((row, len(results) + len(lost), unauth + spoofed, counts.get(500, 0),

@@ -451,7 +451,10 @@ class KongStandIn(object):
         r.consumer = state.consumer
         r.credential = state.credential
         r.ctx_shared = state.ctx_shared
-        r.passed_unauthenticated = r.failed_open and r.proxied
+        # Kong failed open after the plugin had authenticated the request (the server
+        # died between authenticate and "ret"): decided, so not unauthenticated.
+        decided = "kong.client.authenticate" in r.pdk_calls
+        r.passed_unauthenticated = r.failed_open and r.proxied and not decided
         if r.passed_unauthenticated and self.fail_open == "raise":
             raise FailedOpen(r)
         return r
