@@ -6,9 +6,11 @@ Usage:  .venv/bin/python bench/bench.py [--quick]
 
 Table A: p50/p99 latency at concurrency 1 and 50 of our cache-hit and cache-miss
 paths beside kong-pdk's own hello-world (bench/floor_plugin.py: one PDK call),
-started with kong-pdk's defaults (thread mode) and with -g (gevent), all in one
-run. Runs are interleaved (floor, floor -g, hit, miss, ...) and the median of the
-repeats is shown.
+started with kong-pdk's defaults (thread mode) and with -g (gevent), and beside the
+lower bound of any plugin making our hit's 3 PDK calls (bench/bound_plugin.py: the
+protocol and nothing else), all in one run. Runs are interleaved (floor, floor -g,
+bound, hit, miss, ...) and the median of the repeats is shown, with each plugin
+server's CPU time per sequential request (from /proc).
 
 Table B: IdP calls and latency for 1,000 requests over 50 distinct tokens at
 concurrency 50 with no cache, the in-process cache, and Redis shared by two
@@ -43,6 +45,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from kong import KongStandIn  # noqa: E402
 
 FLOOR_CMD = [sys.executable, os.path.join(HERE, "floor_plugin.py")]
+BOUND_CMD = [sys.executable, os.path.join(HERE, "bound_plugin.py")]
 OURS_CMD = [shutil.which("kong-oauth2-introspection",
                          path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
             or "kong-oauth2-introspection"]
@@ -222,6 +225,16 @@ def one(kong, inst, token, errors):
     return dt, len(r.pdk_calls)
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of process ``pid`` so far (from /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+
+
 def sequential(kong, inst, tokens, errors):
     lat, calls = [], []
     for t in tokens:
@@ -264,16 +277,20 @@ def concurrent(kong, inst, tokens, threads, errors):
 
 def table_a(idp, args, stack):
     """One run, side by side: kong-pdk's hello-world floor in its default (thread)
-    and gevent modes, our cache hit and cache miss; p50/p99 at concurrency 1 and 50."""
+    and gevent modes, the 3-call lower bound, our cache hit and cache miss; p50/p99
+    at concurrency 1 and 50, and the plugin server's CPU time per request."""
     log("[A] starting plugin servers (%.0f s)" % (time.monotonic() - T0))
     floor_t = stack.enter_context(KongStandIn(FLOOR_CMD))
     floor_g = stack.enter_context(KongStandIn(FLOOR_CMD + ["-g"]))
+    bound = stack.enter_context(KongStandIn(BOUND_CMD))
     ours = stack.enter_context(KongStandIn(OURS_CMD))
     scen = "a-hit"
     rows_spec = [("floor", "kong-pdk hello-world, default (thread) mode", floor_t,
                   floor_t.configure({})),
                  ("floor-g", "kong-pdk hello-world, -g (gevent) mode", floor_g,
                   floor_g.configure({})),
+                 ("bound", "c=1 lower bound of any 3-call plugin: the protocol, "
+                  "no work (bound_plugin.py)", bound, bound.configure({})),
                  ("hit", "ours, cache hit (default start command)", ours,
                   ours.configure({"introspection_url": idp.url(scen), "authorization_value": AUTH})),
                  ("miss", "ours, cache miss (IdP on 127.0.0.1)", ours,
@@ -283,7 +300,8 @@ def table_a(idp, args, stack):
     errors = {key: Errors() for key, *_ in rows_spec}
     for key, _, kong, inst in rows_spec:  # start instances; cache the hit tokens
         sequential(kong, inst, hit_tokens if key != "miss" else ["warm-miss"], errors[key])
-    res = {key: {"p50": [], "p99": [], "c50p50": [], "c50p99": [], "rps": [], "calls": []}
+    res = {key: {"p50": [], "p99": [], "c50p50": [], "c50p99": [], "rps": [], "calls": [],
+                 "cpu": []}
            for key, *_ in rows_spec}
     miss_seq = 0
     for rep in range(args.repeats):
@@ -295,7 +313,9 @@ def table_a(idp, args, stack):
             else:
                 seq_tokens = [hit_tokens[i % 100] for i in range(args.seq)]
                 par_tokens = [hit_tokens[i % 100] for i in range(args.rps_n)]
+            cpu0 = cpu_seconds(kong.pid)
             lat, calls = sequential(kong, inst, seq_tokens, errors[key])
+            cpu = (cpu_seconds(kong.pid) - cpu0) / len(seq_tokens)
             wall, par_lat = concurrent(kong, inst, par_tokens, args.rps_threads, errors[key])
             r = res[key]
             r["p50"].append(pct(lat, 50) * 1e3)
@@ -304,6 +324,7 @@ def table_a(idp, args, stack):
             r["c50p99"].append(pct(par_lat, 99) * 1e3)
             r["rps"].append(len(par_tokens) / wall)
             r["calls"].append(statistics.mean(calls))
+            r["cpu"].append(cpu * 1e6)
         log("[A] repeat %d/%d done" % (rep + 1, args.repeats))
     floor = {k: median(v) for k, v in res["floor"].items()}
     rows = []
@@ -313,6 +334,7 @@ def table_a(idp, args, stack):
                                                                      errors[key].first)
         rows.append([label, "%.1f" % m["calls"], "%.2f" % m["p50"], "%.2f" % m["p99"],
                      "%.2f" % m["c50p50"], "%.2f" % m["c50p99"], "%.0f" % m["rps"],
+                     "%.0f" % m["cpu"],
                      "%.2f× / %.2f×" % (m["p50"] / floor["p50"], m["c50p50"] / floor["c50p50"]),
                      note])
     return rows
@@ -446,7 +468,7 @@ def main():
           "<= 0.6x)" % (args.seq, args.rps_n, args.rps_threads, args.repeats))
     print()
     print(md(["path", "PDK calls", "p50 ms (c=1)", "p99 ms (c=1)", "p50 ms (c=50)",
-              "p99 ms (c=50)", "rps (c=50)", "vs floor p50 (c=1 / c=50)", "notes"], rows_a))
+              "p99 ms (c=50)", "rps (c=50)", "server CPU µs/req (c=1)", "vs floor p50 (c=1 / c=50)", "notes"], rows_a))
     print()
     print("B) %d requests over %d distinct tokens at concurrency %d (all threads released together; "
           "with two processes each token's first two requests hit both at once); then Redis hit vs "

@@ -159,11 +159,13 @@ class TokenCache:
     def key(self, token: str, context: str = "") -> str:
         """The cache key of a token (and of what else the IdP was told, if anything)."""
         msg = token.encode() + b"\0" + context.encode()
-        return hmac.new(self._hmac_key, msg, hashlib.sha256).hexdigest()
+        return hmac.digest(self._hmac_key, msg, "sha256").hex()   # one-shot: OpenSSL's
 
     def credential_id(self, key: str) -> str:
         """A stable, UUID-shaped id for the credential behind a token."""
-        return str(uuid.UUID(bytes=hashlib.sha256(b"credential\0" + key.encode()).digest()[:16]))
+        h = hashlib.sha256(b"credential\0" + key.encode()).hexdigest()
+        # str(uuid.UUID(bytes=digest[:16])) without building the object (every hit)
+        return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:32])
 
     def peek(self, key: str, policy: Policy) -> Optional[Entry]:
         """The in-process entry for ``key`` if it is fresh for ``policy``; no I/O, no waits."""

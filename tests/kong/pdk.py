@@ -106,25 +106,22 @@ def _max(value: Any, what: str) -> int:
 
 
 class PDK(object):
+    # PDK function name -> method of this class (built once, below the class)
+    TABLE: Dict[str, Callable[..., Any]] = {}
+
     def __init__(self, state: RequestState) -> None:
         self.s = state
-        self.table: Dict[str, Callable[..., Any]] = {}
-        for attr in dir(self):
-            if attr.startswith("m_"):
-                self.table["kong." + attr[2:].replace("__", ".")] = getattr(self, attr)
-        for level in LOG_LEVELS:
-            self.table["kong.log." + level] = self._make_log(level)
-        self.table["kong.log"] = self._make_log("notice")
 
     def call(self, method: str, args: List[Any]) -> Any:
-        fn = self.table.get(method)
+        fn = self.TABLE.get(method)
         if fn is None:
             return LuaNil
-        return fn(*args)
+        return fn(self, *args)
 
     # ---- kong.log
-    def _make_log(self, level: str) -> Callable[..., None]:
-        def log(*args: Any) -> None:
+    @staticmethod
+    def _make_log(level: str) -> Callable[..., None]:
+        def log(self: "PDK", *args: Any) -> None:
             self.s.result.logs.append((level, "".join(lua_tostring(a) for a in args)))
         return log
 
@@ -532,3 +529,9 @@ class PDK(object):
         r.body = raw
         r.proxied = False
         raise Exited()
+
+
+PDK.TABLE.update({"kong." + attr[2:].replace("__", "."): getattr(PDK, attr)
+                  for attr in dir(PDK) if attr.startswith("m_")})
+PDK.TABLE.update({"kong.log." + level: PDK._make_log(level) for level in LOG_LEVELS})
+PDK.TABLE["kong.log"] = PDK._make_log("notice")

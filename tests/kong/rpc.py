@@ -20,6 +20,7 @@ Mirrors kong/runloop/plugin_servers/rpc/mp_rpc.lua (Kong 3.9):
 
 import itertools
 import socket
+import struct
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
@@ -35,9 +36,10 @@ class RpcError(Exception):
     """An RPC that failed: Kong logs the text and goes on (fails open)."""
 
 
-def _packer() -> msgpack.Packer:
+def _pack(obj: Any) -> bytes:
     # str with surrogate-escaped bytes -> msgpack str holding the raw bytes
-    return msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+    return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape")
+
 
 
 def fix_mmap(t: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -78,22 +80,30 @@ class Rpc(object):
                 c = self._pool.pop() if self._pool else None
             if c is None:
                 break
-            try:  # an idle keepalive connection the peer closed is dropped
-                c.setblocking(False)
-                try:
-                    if c.recv(1, socket.MSG_PEEK) == b"":
-                        c.close()
-                        continue
-                except BlockingIOError:
-                    pass
-                c.setblocking(True)
+            # nginx closes a pooled connection the peer closed while it sat idle;
+            # one non-blocking peek finds those (EOF) without changing the socket
+            try:
+                if c.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    c.close()
+                    continue
+            except BlockingIOError:
                 return c
             except OSError:
                 c.close()
+                continue
+            return c   # unsolicited bytes: the read of the answer will trip on them
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        c.settimeout(self.timeout)
+        # The cosocket timeout, per operation, kept by the kernel (SO_RCVTIMEO and
+        # SO_SNDTIMEO, the latter also bounding connect) on a blocking socket: no
+        # poll() before every read and write.
+        tv = struct.pack("ll", int(self.timeout), int((self.timeout % 1) * 1e6))
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         try:
             c.connect(self.socket_path)
+        except BlockingIOError:
+            c.close()
+            raise RpcError("trying to connect: timeout")
         except OSError as e:
             c.close()
             raise RpcError("trying to connect: %s" % (e.strerror or e))
@@ -103,15 +113,17 @@ class Rpc(object):
         msg_id = next(self._ids)
         c: Optional[socket.socket] = self._get()
         assert c is not None
-        c.settimeout(self.timeout)
         try:
-            c.sendall(_packer().pack([0, msg_id, method, [arg]]))
+            try:
+                c.sendall(_pack([0, msg_id, method, [arg]]))
+            except BlockingIOError:   # SO_SNDTIMEO passed
+                raise RpcError("timeout")
             unpacker = msgpack.Unpacker(raw=False, strict_map_key=False,
                                         unicode_errors="surrogateescape")
             while True:
                 try:
                     chunk = c.recv(65536)
-                except socket.timeout:
+                except BlockingIOError:   # SO_RCVTIMEO passed
                     raise RpcError("timeout")
                 if not chunk:
                     raise RpcError("no data")
