@@ -205,7 +205,8 @@ def test_caller_basic_credentials_become_a_verified_bearer_token(auth, plugins):
     assert "Basic" not in json.dumps(r.upstream)
     assert auth.secret_of("svc-admin") not in json.dumps(r.upstream)
     # Kong learns who called, by an id that is neither the secret nor the token.
-    assert r.consumer is None and set(r.credential) == {"id"}
+    assert r.consumer is None and set(r.credential) == {"id", "authenticated_by"}
+    assert r.credential["authenticated_by"] == "oauth2-client-credentials"   # for the guard
     assert auth.secret_of("svc-admin") not in r.credential["id"]
     again = run(plugin, basic(auth, "svc-admin"))
     assert again.bearer == r.bearer                      # served from the cache

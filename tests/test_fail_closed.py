@@ -16,7 +16,7 @@ import pytest
 from conftest import plugin_command
 from idp_double import IdPDouble, Reply, active
 from kong import KongStandIn
-from kong_oauth2_introspection.guard import render
+from kong_oauth2_introspection.guard import post_function_entry, render
 
 SECRET = "Basic ZmFpbDpjbG9zZWQtc2VjcmV0"
 TOKEN = "tok-fail-closed-0123456789"
@@ -144,9 +144,32 @@ def test_guard_passes_healthy_traffic_and_anonymous(guarded):
     r = kong.request(inst, headers={"Authorization": "Bearer " + TOKEN})
     assert r.status == 200 and r.guard_exit is None
     assert kong.request(inst).status == 401
-    inst = kong.configure(config(idp.url, anonymous=anon["id"]))
+    anon_conf = config(idp.url, anonymous=anon["id"])
+    inst = kong.configure(anon_conf)
+    kong.set_post_function(post_function_entry(anon_conf)["config"]["access"])
     r = kong.request(inst)
     assert r.status == 200 and r.guard_exit is None and r.consumer["id"] == anon["id"]
+
+
+def test_another_plugins_credential_is_not_ours_while_the_server_is_down(guarded):
+    # key-auth (say) authenticated the request before ours, both required: with our
+    # server down, Kong passes it on with key-auth's credential alone.
+    kong, idp = guarded
+    other = {"id": "key-auth-credential"}
+    inst = kong.configure(config(idp.url))
+    up = kong.request(inst, headers={"Authorization": "Bearer " + TOKEN}, authenticated=other)
+    assert up.status == 200 and up.credential["authenticated_by"] == "oauth2-introspection"
+    # With anonymous set (logical OR) the plugin lets that caller through as it is,
+    # and the guard rendered for that config does too.
+    anon_conf = config(idp.url, anonymous="guest")
+    kong.set_post_function(post_function_entry(anon_conf)["config"]["access"])
+    either = kong.request(kong.configure(anon_conf), authenticated=other)
+    assert either.status == 200 and either.guard_exit is None
+    assert either.credential == other and not either.failed_open
+    kong.set_post_function(post_function_entry(config(idp.url))["config"]["access"])
+    kong.kill_server()
+    down = kong.request(inst, headers={"Authorization": "Bearer " + TOKEN}, authenticated=other)
+    assert down.failed_open and down.status == 503 and not down.proxied
 
 
 @pytest.mark.parametrize("fault", ["killed", "hung", "dropped"])

@@ -86,11 +86,11 @@ def _to_python(value):
 class Guard:
     """One rendered chunk, loaded once like post-function does, called per request."""
 
-    def __init__(self, run_on_preflight: bool):
+    def __init__(self, run_on_preflight: bool, logical_or: bool = False):
         self.lua = lupa_runtime.LuaRuntime(unpack_returned_tuples=True)
         self.kong = FakeKong(self.lua)
         env = self.lua.table_from({"kong": self.kong.table()})
-        chunk, err = self.lua.execute(_LOADER)(guard.render(run_on_preflight), env)
+        chunk, err = self.lua.execute(_LOADER)(guard.render(run_on_preflight, logical_or), env)
         assert err is None, err
         self.handler = chunk()
         assert lupa_runtime.lua_type(self.handler) == "function"
@@ -106,34 +106,72 @@ class Guard:
         return made[0] if made else None
 
 
-CREDENTIAL = {"id": "0b6b4c5e-4a0f-5d3e-9d0c-6f0a1c2b3d4e", "consumer_id": None}
+CREDENTIAL = {"id": "0b6b4c5e-4a0f-5d3e-9d0c-6f0a1c2b3d4e", "consumer_id": None,
+              "authenticated_by": "oauth2-introspection"}
+CC_CREDENTIAL = {"id": "1c7c5d6f-5b1a-4e4f-8e1d-7a1b2c3d4e5f",
+                 "authenticated_by": "oauth2-client-credentials"}
+OTHER = {"id": "key-auth-credential", "consumer_id": "5a1e1e2a"}
 CONSUMER = {"id": "5a1e1e2a-6b8b-4bb0-8b7a-bd0ad0cbd0c1", "username": "alice"}
 ANONYMOUS = {"id": "9e6b8f3c-3c1e-4f6a-9d5e-2b1a0c9d8e7f", "username": "anonymous"}
+VARIANTS = [(True, False), (False, False), (True, True), (False, True)]
+
+
+@pytest.fixture(params=VARIANTS, ids=["defaults", "no_preflight", "anonymous",
+                                      "no_preflight+anonymous"])
+def any_guard(request):
+    return Guard(*request.param)
 
 
 @pytest.fixture(params=[True, False], ids=["run_on_preflight", "no_preflight"])
-def any_guard(request):
+def required_guard(request):
+    """A guard for a plugin without ``anonymous``: ours is the one way in."""
     return Guard(request.param)
+
+
+@pytest.fixture(params=[True, False], ids=["run_on_preflight", "no_preflight"])
+def or_guard(request):
+    """A guard for a plugin with ``anonymous``: one of several ways in."""
+    return Guard(request.param, logical_or=True)
 
 
 # --- Requests the plugin decided pass ---------------------------------------
 
 @pytest.mark.parametrize("method", ["GET", "POST", "OPTIONS"])
 def test_active_token_passes(any_guard, method):
-    # An active token: credential set, with or without a consumer.
+    # An active token: our marked credential, with or without a consumer.
     assert any_guard(method, credential=CREDENTIAL) is None
     assert any_guard(method, credential=CREDENTIAL, consumer=CONSUMER) is None
+    assert any_guard(method, credential=CC_CREDENTIAL) is None
     assert any_guard.kong.exits == []
 
 
-def test_anonymous_consumer_passes(any_guard):
+def test_anonymous_consumer_passes_where_anonymous_is_set(or_guard):
     # anonymous: kong.client.authenticate(consumer, nil).
-    assert any_guard("GET", consumer=ANONYMOUS) is None
+    assert or_guard("GET", consumer=ANONYMOUS) is None
 
 
-def test_other_plugin_credential_passes(any_guard):
+def test_other_plugin_credential_passes_where_anonymous_is_set(or_guard):
     # Logical OR: another auth plugin authenticated first; ours let it be.
-    assert any_guard("GET", credential={"id": "key-auth-credential"}) is None
+    assert or_guard("GET", credential=OTHER) is None
+    assert or_guard("GET", credential=OTHER, consumer=CONSUMER) is None
+
+
+@pytest.mark.parametrize("credential, consumer", [
+    (OTHER, None), (OTHER, CONSUMER), (None, ANONYMOUS), (None, CONSUMER),
+    ({"id": "x", "authenticated_by": "key-auth"}, None),
+    ({"id": "x", "authenticated_by": True}, None), ("not a table", None)])
+def test_without_anonymous_only_our_credential_passes(required_guard, credential, consumer):
+    # Both required: another plugin's caller (or a consumer it set) while our
+    # server could not run is not a request our plugin decided.
+    assert required_guard("GET", credential=credential, consumer=consumer) == (503, BODY, None)
+
+
+def test_the_guard_knows_every_plugin_this_server_hosts():
+    from kong_oauth2_introspection import plugins
+    text = guard.render(True)
+    for cls in plugins.ALL:
+        assert '["%s"] = true' % cls.NAME in text
+    assert text.count("] = true") == len(plugins.ALL)
 
 
 def test_authenticated_request_costs_one_lookup(any_guard):
@@ -167,29 +205,32 @@ def test_no_decision_is_remembered_between_requests(any_guard):
     # The function is built once per config and serves every request.
     assert any_guard("GET", credential=CREDENTIAL) is None
     assert any_guard("GET") == (503, BODY, None)
-    assert any_guard("GET", consumer=ANONYMOUS) is None
+    assert any_guard("GET", credential=CC_CREDENTIAL) is None
     assert any_guard("GET") == (503, BODY, None)
 
 
 # --- The chunk itself -------------------------------------------------------
 
-@pytest.mark.parametrize("run_on_preflight", [True, False])
-def test_every_variant_compiles_and_returns_a_function(run_on_preflight):
+@pytest.mark.parametrize("run_on_preflight, logical_or", VARIANTS)
+def test_every_variant_compiles_and_returns_a_function(run_on_preflight, logical_or):
     lua = lupa_runtime.LuaRuntime(unpack_returned_tuples=True)
     compile_ = lua.eval("function(src) local f, err = loadstring(src, '=guard') return f, err end")
-    assert compile_(guard.render(run_on_preflight)[:-4])[1]   # the check can fail
-    text = guard.render(run_on_preflight)
+    text = guard.render(run_on_preflight, logical_or)
+    assert compile_(text[:-4])[1]   # the check can fail
     fn, err = compile_(text)
     assert err is None and fn is not None, err
     assert lupa_runtime.lua_type(fn()) == "function"   # what post-function expects
     assert f"local run_on_preflight = {str(run_on_preflight).lower()}\n" in text
+    assert f"local logical_or = {str(logical_or).lower()}\n" in text
 
 
-def test_variants_differ_only_in_the_switch():
-    on, off = guard.render(True).splitlines(), guard.render(False).splitlines()
-    assert [i for i, (a, b) in enumerate(zip(on, off)) if a != b] == \
-        [on.index("local run_on_preflight = true")]
-    assert len(on) == len(off)
+def test_variants_differ_only_in_the_switches():
+    base = guard.render(True).splitlines()
+    switches = {base.index("local run_on_preflight = true"), base.index("local logical_or = false")}
+    for variant in VARIANTS:
+        lines = guard.render(*variant).splitlines()
+        assert len(lines) == len(base)
+        assert {i for i, (a, b) in enumerate(zip(base, lines)) if a != b} <= switches
 
 
 def test_post_function_entry_follows_the_plugin_config():
@@ -198,6 +239,9 @@ def test_post_function_entry_follows_the_plugin_config():
     assert guard.post_function_entry({"run_on_preflight": True}) == guard.post_function_entry({})
     assert guard.post_function_entry({"run_on_preflight": False})["config"]["access"] == \
         [guard.render(False)]
+    assert guard.post_function_entry({"anonymous": "guest"})["config"]["access"] == \
+        [guard.render(True, logical_or=True)]
+    assert guard.post_function_entry({"anonymous": None}) == guard.post_function_entry({})
 
 
 # --- kong.yml -----------------------------------------------------------------
@@ -237,7 +281,7 @@ def test_problems_finds_a_missing_guard():
     route["plugins"] = [p for p in route["plugins"] if p["name"] != "post-function"]
     assert guard.problems(doc) == ["services[0].routes[1].plugins: oauth2-introspection "
                                    "applies here without the post-function guard "
-                                   "(run_on_preflight=true)"]
+                                   "(run_on_preflight=true, anonymous unset)"]
 
 
 def test_problems_finds_a_post_function_that_shadows_the_guard():
@@ -255,7 +299,16 @@ def test_problems_finds_a_guard_for_the_wrong_preflight_setting():
     doc = _kong_yml()
     doc["services"][0]["plugins"][0]["config"]["run_on_preflight"] = False
     assert guard.problems(doc) == ["services[0].plugins: oauth2-introspection applies here "
-                                   "without the post-function guard (run_on_preflight=false)"]
+                                   "without the post-function guard (run_on_preflight=false, "
+                                   "anonymous unset)"]
+
+
+def test_problems_finds_a_guard_for_the_wrong_anonymous_setting():
+    doc = _kong_yml()
+    doc["services"][0]["plugins"][0]["config"]["anonymous"] = "guest"
+    assert guard.problems(doc) == ["services[0].plugins: oauth2-introspection applies here "
+                                   "without the post-function guard (run_on_preflight=true, "
+                                   "anonymous set)"]
 
 
 def test_global_plugin_needs_a_global_guard():
@@ -274,6 +327,9 @@ def test_command_prints_entries_that_parse_back(capsys):
     assert guard.main(["--no-preflight", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == \
         guard.post_function_entry({"run_on_preflight": False})
+    assert guard.main(["--anonymous", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == \
+        guard.post_function_entry({"anonymous": "guest"})
 
 
 def test_command_yaml_keeps_the_lua_readable(capsys):

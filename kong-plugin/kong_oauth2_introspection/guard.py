@@ -3,11 +3,13 @@
 Kong OSS lets a request through, unauthenticated, when the plugin server cannot
 be reached, closes the connection or stays silent for 60 s. The guard runs in
 Kong's own Lua after our plugin (post-function's priority is -1000, ours 1700)
-and answers 503 to any request that carries neither the credential nor the
-consumer our plugin sets with ``kong.client.authenticate`` on every path that
-lets a request through. The one path that lets a request through without
-authenticating, a preflight (OPTIONS) when ``run_on_preflight`` is false, is
-rendered into the chunk per plugin config.
+and answers 503 to any request that does not carry the credential our plugins
+set with ``kong.client.authenticate`` on every path that lets a request through:
+it is marked ``authenticated_by`` with the plugin's name, so another plugin's
+credential does not pass for ours. Two settings of the plugin config are
+rendered into the chunk: ``anonymous`` (logical OR: any credential or consumer
+passes, as the plugin would let it) and ``run_on_preflight`` false (an OPTIONS
+request passes unauthenticated, as the plugin lets it).
 
 Only one post-function instance runs per request (the most specific of route,
 service and global), so the guard must sit on every scope where our plugin or
@@ -26,20 +28,29 @@ import yaml
 from . import NAME
 
 POST_FUNCTION = "post-function"
-_SWITCH = "local run_on_preflight = true\n"
+# The field of the credential our handlers authenticate with that the guard reads.
+MARK = "authenticated_by"
+_PREFLIGHT = "local run_on_preflight = true\n"
+_LOGICAL_OR = "local logical_or = false\n"
 
 
 def _template() -> str:
     return (resources.files(__package__) / "guard.lua").read_text(encoding="utf-8")
 
 
-def render(run_on_preflight: bool) -> str:
-    """The guard's Lua chunk for a plugin config with this ``run_on_preflight``."""
+def render(run_on_preflight: bool, logical_or: bool = False) -> str:
+    """The guard's Lua chunk for a plugin config with this ``run_on_preflight``
+    and, with ``logical_or``, an ``anonymous`` consumer."""
     text = _template()
-    if text.count(_SWITCH) != 1:
-        raise RuntimeError("guard.lua lost its run_on_preflight line")
-    value = "true" if run_on_preflight else "false"
-    return text.replace(_SWITCH, f"local run_on_preflight = {value}\n")
+    for switch in (_PREFLIGHT, _LOGICAL_OR):
+        if text.count(switch) != 1:
+            raise RuntimeError("guard.lua lost its line %r" % switch.strip())
+    text = text.replace(_PREFLIGHT, "local run_on_preflight = %s\n" % _lua_bool(run_on_preflight))
+    return text.replace(_LOGICAL_OR, "local logical_or = %s\n" % _lua_bool(logical_or))
+
+
+def _lua_bool(value: bool) -> str:
+    return "true" if value else "false"
 
 
 def run_on_preflight_of(plugin_config: Optional[Dict[str, Any]]) -> bool:
@@ -47,10 +58,19 @@ def run_on_preflight_of(plugin_config: Optional[Dict[str, Any]]) -> bool:
     return (plugin_config or {}).get("run_on_preflight") is not False
 
 
+def logical_or_of(plugin_config: Optional[Dict[str, Any]]) -> bool:
+    # Kong's auth plugins: an anonymous consumer makes the plugin one of several ways in.
+    return bool((plugin_config or {}).get("anonymous"))
+
+
+def render_for(plugin_config: Optional[Dict[str, Any]]) -> str:
+    """The guard's Lua chunk for ``plugin_config``."""
+    return render(run_on_preflight_of(plugin_config), logical_or_of(plugin_config))
+
+
 def post_function_entry(plugin_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """A declarative-config plugin entry holding the guard for ``plugin_config``."""
-    return {"name": POST_FUNCTION,
-            "config": {"access": [render(run_on_preflight_of(plugin_config))]}}
+    return {"name": POST_FUNCTION, "config": {"access": [render_for(plugin_config)]}}
 
 
 # --- Checking a declarative config ------------------------------------------
@@ -80,7 +100,8 @@ def problems(doc: Any) -> List[str]:
 
     Kong picks the most specific post-function, so a route's own post-function
     replaces the service's guard: it must carry the guard too. The guard must
-    match the ``run_on_preflight`` of the plugin config that applies there.
+    match the ``run_on_preflight`` and ``anonymous`` of the plugin config that
+    applies there.
     Plugins scoped by reference (a top-level ``plugins`` entry naming a
     ``service`` or ``route``) and consumer scopes are not followed.
     """
@@ -96,13 +117,14 @@ def problems(doc: Any) -> List[str]:
             parents[id(scope)] = config or {}
         else:
             continue
-        guard = render(run_on_preflight_of(config))
+        guard = render_for(config)
         functions = _plugins(scope, POST_FUNCTION)
         if not functions and not ours:
             continue  # the guard of the less specific scope runs here
         if not any(guard in ((p.get("config") or {}).get("access") or []) for p in functions):
             found.append(f"{path}plugins: {NAME} applies here without the post-function guard "
-                         f"(run_on_preflight={str(run_on_preflight_of(config)).lower()})")
+                         f"(run_on_preflight={_lua_bool(run_on_preflight_of(config))}, "
+                         f"anonymous {'set' if logical_or_of(config) else 'unset'})")
     return found
 
 
@@ -128,11 +150,15 @@ def main(argv: Sequence[str]) -> int:
                     "scope as the plugin.")
     parser.add_argument("--no-preflight", action="store_true",
                         help="for a plugin with run_on_preflight: false (OPTIONS pass unchecked)")
+    parser.add_argument("--anonymous", action="store_true",
+                        help="for a plugin with anonymous set (logical OR): another "
+                             "authentication plugin's caller, or the anonymous consumer, passes")
     parser.add_argument("--format", choices=("yaml", "json"), default="yaml",
                         help="yaml: an item for a declarative config's plugins list; "
                              "json: a body for the Admin API's POST .../plugins")
     args = parser.parse_args(list(argv))
-    entry = post_function_entry({"run_on_preflight": not args.no_preflight})
+    entry = post_function_entry({"run_on_preflight": not args.no_preflight,
+                                 "anonymous": "any" if args.anonymous else None})
     if args.format == "json":
         sys.stdout.write(json.dumps(entry, indent=2) + "\n")
     else:

@@ -29,6 +29,7 @@ from .claims import MISSING, resolve
 from .concurrency import DeadlineExceeded, blocking
 from .config import Config, ConfigError
 from .consumers import ConsumerFinder, ConsumerLookupError
+from .guard import MARK
 from .introspection import IntrospectionError, Introspector, certificate_fingerprint, usable
 from .jwt_answers import JWT_KEY
 from .log import LOG
@@ -244,7 +245,8 @@ class _Access:
             values.update(consumer_headers(consumer))
         self.send_upstream(values)
 
-        credential: Dict[str, Any] = {"id": self.rt.cache.credential_id(self.key)}
+        credential: Dict[str, Any] = {"id": self.rt.cache.credential_id(self.key),
+                                      MARK: NAME}   # what the Kong-side guard looks for
         if consumer:
             credential["consumer_id"] = consumer.get("id")
         if conf.username_claim:

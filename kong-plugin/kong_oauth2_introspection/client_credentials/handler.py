@@ -21,6 +21,7 @@ from kong_pdk.exception import PDKException
 from .. import responses
 from ..claims import MISSING, resolve
 from ..concurrency import Deadline, DeadlineExceeded, blocking, current_deadline, deadline_scope
+from ..guard import MARK
 from ..log import LOG
 from ..responses import Refusal
 from ..server.instances import PluginInstance, Unusable
@@ -223,7 +224,8 @@ def _access(rt: Runtime, kong: Any) -> None:
             upstream[name] = []
     kong.service.request.set_headers(upstream)
 
-    credential: Dict[str, Any] = {"id": rt.credential_id(creds.client_id)}
+    # MARK: what the Kong-side guard looks for
+    credential: Dict[str, Any] = {"id": rt.credential_id(creds.client_id), MARK: NAME}
     if conf.username_claim:
         name = resolve(claims, conf.username_claim)
         if name is not MISSING and name is not None:

@@ -60,6 +60,9 @@ _CALL, _EXIT, _PARK, _RET, _DONE = "call", "exit", "park", "ret", "done"
 # How the loop resumes a parked greenlet.
 _FINISHED, _EXPIRED = "finished", "expired"
 _START = object()
+STEP_METHODS = ("plugin.Step", "plugin.StepCredential", "plugin.StepMultiMap",
+                "plugin.StepConsumer", "plugin.StepRoute", "plugin.StepService",
+                "plugin.StepMemoryStats")
 
 
 class PDKError(PDKException):
@@ -236,6 +239,10 @@ class PluginServer:
             "plugin.GetPluginInfo": self._get_plugin_info,
             "plugin.SetPluginDir": self._set_plugin_dir,
         }
+        # Kong's Step names (mp_rpc.lua get_step_method) found without a prefix test;
+        # any other "plugin.Step*" still reaches _step through dispatch.
+        for name in STEP_METHODS:
+            self._methods[name] = self._step
 
     # -- dispatch ------------------------------------------------------------------
 
@@ -272,7 +279,7 @@ class PluginServer:
             conn.reply(msgid, "no plugin instance #%s" % (iid,), None)
             return
         self.instances.move_to_end(instance.id)
-        instance.used = time.monotonic()
+        instance.used = now = time.monotonic()
         handler = getattr(instance.plugin, str(arg.get("EventName")), None)
         event_id = self._next_event
         self._next_event += 1
@@ -280,18 +287,12 @@ class PluginServer:
             conn.reply(msgid, None, {"Data": RET, "EventId": event_id})
             return
         metrics.event()
-        event = _Event(self, event_id, handler, Deadline(self.deadline))
+        event = _Event(self, event_id, handler, Deadline(self.deadline, now))
         event.reply_to = (conn, msgid)
         self.events[event_id] = event
         self._drive(event, _START)
 
-    def _step(self, conn: _Connection, msgid: Any, arg: Any) -> None:
-        self._resume_step(conn, msgid, arg, False)
-
-    def _step_error(self, conn: _Connection, msgid: Any, arg: Any) -> None:
-        self._resume_step(conn, msgid, arg, True)
-
-    def _resume_step(self, conn: _Connection, msgid: Any, arg: Any, failed: bool) -> None:
+    def _step(self, conn: _Connection, msgid: Any, arg: Any, failed: bool = False) -> None:
         eid = arg.get("EventId") if isinstance(arg, dict) else None
         event = self.events.get(eid)  # type: ignore[arg-type]
         if event is None or event.reply_to is not None or event.parked is not None:
@@ -305,6 +306,9 @@ class PluginServer:
             self._drive(event, (None, data if data is not None else "PDK call failed"))
         else:
             self._drive(event, (data, None))
+
+    def _step_error(self, conn: _Connection, msgid: Any, arg: Any) -> None:
+        self._step(conn, msgid, arg, True)
 
     def _drive(self, event: _Event, value: Any) -> None:
         """Run ``event`` until it needs Kong (a PDK call), a worker, or is done."""
