@@ -8,6 +8,7 @@ The table prints at the end of the run (``-rA`` or the terminal summary) and is
 the one in the README."""
 
 import collections
+import itertools
 import json
 import os
 import socket
@@ -46,16 +47,20 @@ def kong():
 
 
 def load(kong, inst_of, n=PER_ROW, during=None, token=lambda i: "tok-m-%d" % i):
-    """``n`` requests, CONCURRENCY at a time; ``during`` runs alongside."""
+    """``n`` requests, CONCURRENCY at a time; ``during`` runs alongside, and the
+    load goes on until it is over (however fast the requests are)."""
     results, lost = [], []
     lock = threading.Lock()
-    counter = iter(range(n))
+    counter = itertools.count()
+    fault_over = threading.Event()
+    if during is None:
+        fault_over.set()
 
     def worker():
         while True:
             with lock:
-                i = next(counter, None)
-            if i is None:
+                i = next(counter)
+            if i >= n and fault_over.is_set():
                 return
             try:
                 r = kong.request(inst_of(), headers=[("X-Consumer-ID", "evil"),
@@ -68,7 +73,10 @@ def load(kong, inst_of, n=PER_ROW, during=None, token=lambda i: "tok-m-%d" % i):
     for t in workers:
         t.start()
     if during is not None:
-        during()
+        try:
+            during()
+        finally:
+            fault_over.set()
     for t in workers:
         t.join()
     return results, lost, time.monotonic() - started
