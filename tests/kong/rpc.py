@@ -41,7 +41,6 @@ def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape")
 
 
-
 def fix_mmap(t: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """mp_rpc.lua's fix_mmap: every value a list (a bare flag -> [])."""
     out: Dict[str, Any] = {}
