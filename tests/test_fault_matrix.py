@@ -9,7 +9,6 @@ the one in the README."""
 
 import collections
 import itertools
-import json
 import os
 import socket
 import ssl

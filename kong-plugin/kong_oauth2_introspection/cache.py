@@ -45,7 +45,6 @@ import math
 import os
 import threading
 import time
-import uuid
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from cachetools import TLRUCache
@@ -53,6 +52,7 @@ from cachetools import TLRUCache
 from . import metrics
 from .concurrency import Deadline, current_deadline, deadline_scope
 from .introspection import Answer, IntrospectionError
+from .upstream import uuid_shaped
 
 STORED, INACTIVE, NOSTORE, FAILED = "stored", "inactive", "nostore", "failed"
 _LEASE_MARGIN = 0.5   # a lease outlives its holder's own bound by this much
@@ -163,9 +163,7 @@ class TokenCache:
 
     def credential_id(self, key: str) -> str:
         """A stable, UUID-shaped id for the credential behind a token."""
-        h = hashlib.sha256(b"credential\0" + key.encode()).hexdigest()
-        # str(uuid.UUID(bytes=digest[:16])) without building the object (every hit)
-        return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:32])
+        return uuid_shaped(hashlib.sha256(b"credential\0" + key.encode()).digest())
 
     def peek(self, key: str, policy: Policy) -> Optional[Entry]:
         """The in-process entry for ``key`` if it is fresh for ``policy``; no I/O, no waits."""

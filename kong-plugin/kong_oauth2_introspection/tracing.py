@@ -8,8 +8,9 @@ exports spans over OTLP/HTTP; it needs the ``tracing`` extra
 A cache miss gets one span, ``oauth2-introspection lookup``, whose parent is
 the request's W3C ``traceparent`` (and ``tracestate``) header, taken from the
 headers the handler already read: no PDK call. The IdP attempts and the Redis
-commands of that lookup are its children; outside a lookup nothing is traced. A cache hit makes no span: it does no
-I/O worth tracing, and spans on the hot path would cost what a hit costs.
+commands of that lookup are its children; outside a lookup nothing is traced.
+A cache hit makes no span: it does no I/O worth tracing, and spans on the hot
+path would cost what a hit costs.
 
 Attributes never hold a token or a secret: the endpoint is
 ``scheme://host:port/path``, Redis spans name the command, never the key.

@@ -13,7 +13,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import uuid
 from typing import Any, Dict, List, Optional, Union
 
 from kong_pdk.exception import PDKException
@@ -27,7 +26,7 @@ from ..responses import Refusal
 from ..server.instances import PluginInstance, Unusable
 from ..server.registry import Registry
 from ..store import RedisStore
-from ..upstream import header_value
+from ..upstream import header_value, uuid_shaped
 from . import NAME, PRIORITY, VERSION
 from .authserver import AuthServer, ClientRejected, Credentials, ServerError
 from .config import SCHEMA, Config, ConfigError
@@ -102,8 +101,7 @@ class Runtime:
         return blocking(obtain)
 
     def credential_id(self, client_id: str) -> str:
-        digest = hmac.new(self._id_key, client_id.encode(), hashlib.sha256).digest()
-        return str(uuid.UUID(bytes=digest[:16]))
+        return uuid_shaped(hmac.digest(self._id_key, client_id.encode(), "sha256"))
 
     def close(self) -> None:
         self.cache.close()
@@ -142,7 +140,6 @@ class Plugin(PluginInstance):
                 _exit(kong, responses.SERVER_ERROR)
             except Exception:   # noqa: BLE001 - Kong is gone; nothing left to tell
                 pass
-
 
 
 def _exit(kong: Any, refusal: Refusal) -> None:
