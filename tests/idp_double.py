@@ -3,7 +3,8 @@ authorization server cannot be made to produce on demand (5xx, hangs, bad
 JSON, dropped connections) and for counting calls exactly.
 
 Each request is answered by ``behaviour(form, headers) -> Reply``; every
-request is recorded in ``calls``.
+request is recorded in ``calls``. A GET (a key set, a metadata document) is
+answered the same way, with an empty form.
 """
 
 import json
@@ -104,6 +105,8 @@ class IdPDouble:
                         time.sleep(reply.drip)
                 except OSError:
                     pass
+
+            do_GET = do_POST   # no body: an empty form
 
         class Server(ThreadingHTTPServer):
             request_queue_size = 512  # a herd of concurrent first requests connects at once

@@ -9,9 +9,7 @@ cannot produce."""
 
 import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
 import pytest
@@ -19,8 +17,8 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from authserver_fixture import AuthServer, client
-from idp_double import IdPDouble, active
-from kong_oauth2_introspection.jwt_answers import REFRESH_INTERVAL
+from idp_double import IdPDouble, Reply, active
+from kong_oauth2_introspection.jwks import REFRESH_INTERVAL
 from test_plugin_kong import bearer
 
 RS = "rs-jwt"
@@ -46,33 +44,21 @@ def own_idp():
         yield server
 
 
-class JWKSForwarder:
-    """GET /jwks answered from the real server (counted), or a forged key set."""
+class JWKSForwarder(IdPDouble):
+    """GET /jwks answered from the real server (each fetch recorded), or a forged key set."""
 
     def __init__(self, upstream):
-        self.upstream, self.fetches, self.forged = upstream, 0, None
-        outer = self
+        self.forged = None
+        super().__init__(lambda form, headers: Reply(
+            200, self.forged or requests.get(upstream, timeout=5).content))
+        self.__enter__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.fetches += 1
-                body = json.dumps(outer.forged).encode() if outer.forged else \
-                    requests.get(outer.upstream, timeout=5).content
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d/jwks" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    @property
+    def fetches(self):
+        return len(self.calls)
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.__exit__()
 
 
 def conf(idp, **extra):

@@ -11,45 +11,35 @@ and notes the tokens it got (to revoke one)."""
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
 from authserver_fixture import AuthServer, client
+from idp_double import IdPDouble, Reply
 from test_plugin_kong import bearer
 
 PREAUTH_SECRET = "preauth-introspector-secret"
 
 
-class TokenForwarder:
+class TokenForwarder(IdPDouble):
+    """The token endpoint, relayed: each token request recorded, each token noted."""
+
     def __init__(self, target):
-        self.target, self.issued = target, []
-        outer = self
+        self.issued = []
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                forwarded = {k: v for k, v in self.headers.items()
-                             if k.lower() in ("authorization", "content-type", "accept")}
-                reply = requests.post(outer.target, data=body, headers=forwarded, timeout=5)
-                if reply.status_code == 200:
-                    outer.issued.append(reply.json()["access_token"])
-                self.send_response(reply.status_code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(reply.content)))
-                self.end_headers()
-                self.wfile.write(reply.content)
-
-            def log_message(self, *args):
-                pass
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d/token" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        def relay(form, headers):
+            forwarded = {k: v for k, v in headers.items()
+                         if k.lower() in ("authorization", "accept")}
+            reply = requests.post(target, data=form, headers=forwarded, timeout=5)
+            if reply.status_code == 200:
+                self.issued.append(reply.json()["access_token"])
+            return Reply(reply.status_code, reply.content)
+        super().__init__(relay)
+        self.__enter__()
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.__exit__()
 
 
 @pytest.fixture(scope="module")
