@@ -13,12 +13,12 @@ optional_no_ca`` in kong.conf, or a plugin calling
 ``optional`` checks bound tokens, ``strict`` also refuses tokens that are not bound.
 """
 
-import base64
 import hashlib
 from typing import Any, Dict, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from jwt.utils import base64url_encode
 
 CLAIM = "x5t#S256"
 
@@ -39,7 +39,7 @@ def certificate_thumbprint(chain: Any) -> Optional[str]:
     except ValueError:
         return None
     digest = hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+    return base64url_encode(digest).decode("ascii")
 
 
 def matches(claims: Dict[str, Any], chain: Any) -> bool:

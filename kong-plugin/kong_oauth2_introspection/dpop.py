@@ -14,7 +14,6 @@ across the cluster; Redis unreachable refuses the proof), in process otherwise.
 ``optional`` checks bound tokens, ``strict`` also refuses tokens that are not bound.
 """
 
-import base64
 import hashlib
 import json
 import threading
@@ -24,11 +23,12 @@ from urllib.parse import urlsplit
 
 import jwt
 from cachetools import TTLCache
+from jwt.utils import base64url_encode
 
-from .tokens import Found, _checked
+from .jwks import ALGORITHMS   # what a proof may be signed with (our challenges say so too)
+from .request import IncomingRequest
+from .tokens import Found, from_header
 
-ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384",
-              "PS512", "EdDSA")
 FUTURE_SKEW = 60   # seconds a proof's iat may be ahead of our clock
 MAX_PROOF_BYTES = 8192
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -36,10 +36,6 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 class ProofRejected(Exception):
     """The request's proof does not show possession; the text is safe to log."""
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def thumbprint(jwk: Dict[str, Any]) -> str:
@@ -51,7 +47,7 @@ def thumbprint(jwk: Dict[str, Any]) -> str:
         raise ProofRejected("proof key is not an EC, RSA or OKP public key")
     canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"),
                            sort_keys=True)
-    return b64url(hashlib.sha256(canonical.encode()).digest())
+    return base64url_encode(hashlib.sha256(canonical.encode()).digest()).decode("ascii")
 
 
 def bound_key(claims: Dict[str, Any]) -> Optional[str]:
@@ -60,15 +56,9 @@ def bound_key(claims: Dict[str, Any]) -> Optional[str]:
     return jkt if isinstance(jkt, str) and jkt else None
 
 
-def find_token(headers: Dict[str, Any]) -> Optional[Found]:
+def find_token(req: IncomingRequest) -> Optional[Found]:
     """``Authorization: DPoP <token>`` (the scheme RFC 9449 section 7.1 names)."""
-    values = headers.get("authorization") or []
-    if len(values) != 1 or not isinstance(values[0], str):
-        return None
-    parts = values[0].split()
-    if len(parts) != 2 or parts[0].lower() != "dpop":
-        return None
-    return Found(_checked(parts[1]), "header", "authorization")   # MalformedToken: 401
+    return from_header(req, "authorization", ("dpop",))
 
 
 def _same_url(htu: Any, url: str) -> bool:
@@ -150,7 +140,7 @@ class DPoPVerifier:
         if not isinstance(iat, (int, float)) or iat > current + FUTURE_SKEW \
                 or iat < current - self.lifetime:
             raise ProofRejected("proof iat outside the accepted window")
-        ath = b64url(hashlib.sha256(token.encode("ascii")).digest())
+        ath = base64url_encode(hashlib.sha256(token.encode("ascii")).digest()).decode("ascii")
         if claims.get("ath") != ath:
             raise ProofRejected("proof ath is not the hash of the access token")
         jti = claims["jti"]

@@ -188,7 +188,7 @@ class _Access:
                 metrics.decision(metrics.PASSED, "other_credential")
                 return kong.service.request.set_headers(self.rt.headers.extras_table(req.headers))
             if self.rt.dpop is not None:
-                self.found = dpop.find_token(req.headers)
+                self.found = dpop.find_token(req)
                 self.dpop_scheme = self.found is not None
             if self.found is None:
                 self.found = self.rt.tokens.find(req)

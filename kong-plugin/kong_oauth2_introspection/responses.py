@@ -2,6 +2,8 @@
 
 from typing import Dict, NamedTuple, Optional
 
+from .jwks import FAMILIES
+
 REALM = 'Bearer realm="service"'
 
 
@@ -64,7 +66,8 @@ class Answers:
             self.INVALID_TOKEN = self.DPOP_BOUND
 
 
-DPOP_ALGS = "ES256 ES384 ES512 RS256 RS384 RS512 PS256 PS384 PS512 EdDSA"
+# The asymmetric algorithms a DPoP proof may use, EC first (the common choice).
+DPOP_ALGS = " ".join(FAMILIES["EC"] + FAMILIES["RSA"] + FAMILIES["OKP"])
 
 
 def _dpop(challenge: str, error: str, description: str) -> Refusal:

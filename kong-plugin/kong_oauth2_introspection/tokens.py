@@ -59,7 +59,9 @@ def _single(value):
     return value
 
 
-def _from_header(req: IncomingRequest, name: str, schemes) -> Optional[Found]:
+def from_header(req: IncomingRequest, name: str, schemes) -> Optional[Found]:
+    """The token of header ``name`` as ``<scheme> <token>`` (``schemes`` lower-case;
+    none: the whole value); MalformedToken when sent twice or unusable."""
     count = req.header_count(name)
     if count == 0:
         return None
@@ -100,7 +102,7 @@ class TokenFinder:
         """The token of ``req``, None if there is none; MalformedToken if unusable."""
         if self.source.configured:
             return self._find_configured(req)
-        found = _from_header(req, "authorization", self._schemes)
+        found = from_header(req, "authorization", self._schemes)
         if found:
             return found
         if ACCESS_TOKEN in req.query:
@@ -113,7 +115,7 @@ class TokenFinder:
     def _find_configured(self, req: IncomingRequest) -> Optional[Found]:
         src = self.source
         if src.header:
-            found = _from_header(req, src.header, self._schemes)
+            found = from_header(req, src.header, self._schemes)
             if found:
                 return found
         if src.query and src.query in req.query:
