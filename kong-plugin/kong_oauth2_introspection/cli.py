@@ -1,18 +1,24 @@
 """The ``kong-oauth2-introspection`` command.
 
-    kong-oauth2-introspection serve -kong-prefix DIR   what Kong's start_cmd runs
-    kong-oauth2-introspection dump                     what Kong's query_cmd runs
+    kong-oauth2-introspection serve --plugin NAME -kong-prefix DIR   Kong's start_cmd
+    kong-oauth2-introspection dump --plugin NAME                     Kong's query_cmd
     kong-oauth2-introspection check FILE               a declarative config, offline
     kong-oauth2-introspection guard                    the Kong-side fail-closed guard
     kong-oauth2-introspection purge ...                drop cached answers cluster-wide
     kong-oauth2-introspection health --url URL         is each config's IdP and Redis answering?
     kong-oauth2-introspection docs                     the option table (Markdown)
 
+One plugin per server: Kong 3.9 registers only the first plugin a query command
+lists, so every ``pluginserver_names`` entry runs ``serve --plugin NAME`` (socket
+``PREFIX/NAME.sock``) and ``dump --plugin NAME`` (a one-entry list). NAME is
+oauth2-introspection (the default) or oauth2-client-credentials.
+
 kong-pdk's own command line is accepted as it is (``-kong-prefix DIR``, ``-dump``,
 ``-v``, ``--socket-name``, ``--listen-queue-size``, ``--no-lua-style``, ``-g``), so
-a kong.conf written for a kong-pdk plugin keeps working. ``-m`` is refused: a
-process pool runs only cpu_count events at once, and under a slow IdP the rest
-wait past Kong's 60 s and pass unauthenticated.
+a kong.conf written for a kong-pdk plugin keeps working; it serves or dumps the
+default plugin unless ``--plugin`` says otherwise. ``-m`` is refused: a process
+pool runs only cpu_count events at once, and under a slow IdP the rest wait past
+Kong's 60 s and pass unauthenticated.
 
 Exit codes: 0 success; 1 the subcommand's negative answer (``check`` found
 problems); 2 usage or input errors. Errors are one line on stderr, never a
@@ -27,6 +33,7 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 from . import NAME, VERSION
+from .plugins import DEFAULT, NAMES
 
 PROG = "kong-oauth2-introspection"
 
@@ -39,19 +46,26 @@ _DELEGATED: Dict[str, tuple] = {
 }
 
 
-def _plugins():
-    from .plugins import ALL
-    return ALL
+def _add_plugin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", default=DEFAULT, choices=NAMES,
+                        metavar="NAME", help="the one plugin of this plugin server: "
+                        + " or ".join(NAMES) + " (default: %(default)s)")
+
+
+def _dump(name: str) -> int:
+    from .plugins import load
+    from .server.listener import plugin_info
+    # One entry: Kong 3.9 registers only the first one (Kong 2.8 to 3.8 read every one).
+    sys.stdout.write(json.dumps([plugin_info(load(name))]))
+    return 0
 
 
 def dump(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"{PROG} dump",
-                                     description="Print the plugins' info as Kong's query_cmd "
-                                                 "reads it (JSON on stdout).")
-    parser.parse_args(argv)
-    from .server.listener import plugin_info
-    sys.stdout.write(json.dumps([plugin_info(cls) for cls in _plugins()]))
-    return 0
+                                     description="Print one plugin's info as Kong's query_cmd "
+                                                 "reads it (a one-entry JSON list on stdout).")
+    _add_plugin_argument(parser)
+    return _dump(parser.parse_args(argv).plugin)
 
 
 def docs(argv: List[str]) -> int:
@@ -66,13 +80,14 @@ def docs(argv: List[str]) -> int:
 def _serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} serve",
-        description="Run the plugin server Kong's start_cmd starts: serves "
-                    "PREFIX/oauth2-introspection.sock until Kong stops it.")
+        description="Run the plugin server Kong's start_cmd starts: serves one plugin "
+                    "on PREFIX/NAME.sock until Kong stops it.")
+    _add_plugin_argument(parser)
     parser.add_argument("-p", "--kong-prefix", "-kong-prefix", dest="prefix",
                         default="/usr/local/kong/", help="directory of the Unix socket "
                         "(default: %(default)s)")
-    parser.add_argument("--socket-name", default=NAME + ".sock",
-                        help="socket file name (default: %(default)s)")
+    parser.add_argument("--socket-name", default=None,
+                        help="socket file name (default: NAME.sock)")
     parser.add_argument("--listen-queue-size", type=int, default=4096)
     parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                         help="answer every event within this many seconds, whatever the IdP "
@@ -104,7 +119,7 @@ def _serve_parser() -> argparse.ArgumentParser:
 def serve(argv: List[str]) -> int:
     args = _serve_parser().parse_args(argv)
     if args.dump:
-        return dump([])
+        return _dump(args.plugin)
     from .log import LOG
     from .server.listener import (DEFAULT_DEADLINE, DEFAULT_WORKERS, MAX_DEADLINE,
                                   PluginServer)
@@ -134,10 +149,12 @@ def serve(argv: List[str]) -> int:
               "metrics and health are served on this host only")
         return 2
     LOG.threshold = 10 if args.verbose else 20
-    server = PluginServer(_plugins(), deadline=deadline, workers=workers, log=LOG)
+    from .plugins import load
+    server = PluginServer([load(args.plugin)], deadline=deadline, workers=workers, log=LOG)
     _observe(args, server, LOG)
+    socket_name = args.socket_name or args.plugin + ".sock"
     try:
-        run(os.path.join(args.prefix, args.socket_name), server,
+        run(os.path.join(args.prefix, socket_name), server,
             backlog=args.listen_queue_size)
     finally:
         tracing.shutdown()
@@ -187,8 +204,9 @@ def _delegate(name: str) -> Callable[[List[str]], int]:
 
 def _usage() -> str:
     lines = [f"usage: {PROG} [--version] COMMAND [ARGS]", "", "commands:",
-             "  serve   run the plugin server (Kong's start_cmd; -kong-prefix DIR)",
-             "  dump    print the plugin info Kong's query_cmd reads"]
+             "  serve   run one plugin's server (Kong's start_cmd; --plugin NAME "
+             "-kong-prefix DIR)",
+             "  dump    print one plugin's info as Kong's query_cmd reads it (--plugin NAME)"]
     lines += [f"  {n:<7} {h}" for n, (_, h) in _DELEGATED.items()]
     lines += ["  docs    print the option table generated from the schema", "",
               f"'{PROG} COMMAND --help' tells more."]
