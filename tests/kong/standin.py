@@ -81,17 +81,23 @@ class KongStandIn(object):
     default), ``kong_version`` ("3.9"; "2.8" answers ``nil, err`` with StepError),
     ``client_body_buffer_size`` (8192), ``fail_open`` ("raise" or "record"),
     ``instance_claim_wait`` (10 s), ``respawn`` (worker 0 respawns the server),
-    ``post_function`` (guard chunks), ``socket_name`` (default ``<first plugin>``)."""
+    ``post_function`` (guard chunks), ``socket_name`` (default ``<first plugin>``).
+    As a node's plugin server (node.py): ``plugins_info`` (what its query command
+    printed), ``start_cmd`` (run as ``exec <start_cmd>`` through /bin/sh, with only
+    ``env``) and ``socket_path`` (its ``pluginserver_<name>_socket``)."""
 
     def __init__(self, command: Sequence[str], *, env: Optional[Dict[str, str]] = None,
                  rpc_timeout: float = 60.0, start_timeout: float = 20.0,
                  kong_version: str = "3.9", client_body_buffer_size: int = DEFAULT_BODY_BUFFER,
                  fail_open: str = "raise", instance_claim_wait: float = 10.0,
                  respawn: bool = False, post_function: Optional[Sequence[str]] = None,
-                 socket_name: Optional[str] = None, inherit_env: bool = False) -> None:
+                 socket_name: Optional[str] = None, inherit_env: bool = False,
+                 plugins_info: Optional[List[Dict[str, Any]]] = None,
+                 start_cmd: Optional[str] = None, socket_path: Optional[str] = None) -> None:
         if fail_open not in ("raise", "record"):
             raise ValueError("fail_open must be 'raise' or 'record'")
         self.command = list(command)
+        self.start_cmd = start_cmd
         # the query command runs with Kong's environment; nginx clears the start
         # command's (only TZ survives): what it needs comes from `env VAR=... cmd`,
         # modelled by ``env`` (``inherit_env=True`` passes the test's environment on)
@@ -135,13 +141,15 @@ class KongStandIn(object):
             self._admin.daemon_threads = True
             threading.Thread(target=self._admin.serve_forever, daemon=True).start()
             # the plugin server inherits Kong's environment; point it at this Admin API
-            if "KONG_ADMIN_URL" not in (env or {}):
+            # (a node's start command passes what it needs itself)
+            if "KONG_ADMIN_URL" not in (env or {}) and start_cmd is None:
                 self.env["KONG_ADMIN_URL"] = self.admin_url
-            self.plugins_info = self._query()
+            self.plugins_info = plugins_info if plugins_info is not None else self._query()
             self.info = self.plugins_info[0]
             self.name: str = self.info["Name"]
             self.schemas = {p["Name"]: PluginSchema(p) for p in self.plugins_info}
-            self.socket_path = os.path.join(self._prefix, (socket_name or self.name) + ".sock")
+            self.socket_path = socket_path or os.path.join(
+                self._prefix, (socket_name or self.name) + ".sock")
             self._rpc = Rpc(self.socket_path, rpc_timeout, self._instances.notification)
             self._spawn()
         except BaseException:
@@ -163,7 +171,9 @@ class KongStandIn(object):
         return data
 
     def _spawn(self, wait: bool = True) -> None:
-        proc = subprocess.Popen(self.command + ["-kong-prefix", self._prefix], env=self.env,
+        argv = ["/bin/sh", "-c", "exec " + self.start_cmd] if self.start_cmd is not None \
+            else self.command + ["-kong-prefix", self._prefix]
+        proc = subprocess.Popen(argv, env=self.env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         with self._proc_lock:
