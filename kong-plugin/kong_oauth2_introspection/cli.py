@@ -55,7 +55,8 @@ def dump(argv: List[str]) -> int:
 
 
 def docs(argv: List[str]) -> int:
-    names = [cls.NAME for cls in _plugins()]
+    from .plugins import ALL
+    names = [cls.NAME for cls in ALL]
     parser = argparse.ArgumentParser(
         prog=f"{PROG} docs",
         description="Print each plugin's option table (Markdown), generated from its schema.")
