@@ -430,6 +430,6 @@ def test_one_version_everywhere(observed):
     declared = re.search(r'(?m)^version = "([^"]+)"',
                          (ROOT / "pyproject.toml").read_text()).group(1)
     samples, _ = scrape(observed)
-    assert printed == ["oauth2-introspection", declared]
+    assert printed == ["kong-oauth2-introspection", declared]
     assert dumped == {declared} and value(samples, P + "info", version=declared) == 1
     assert "## [%s]" % declared in (ROOT / "CHANGELOG.md").read_text()

@@ -6,7 +6,7 @@
     kong-oauth2-introspection guard                    the Kong-side fail-closed guard
     kong-oauth2-introspection purge ...                drop cached answers cluster-wide
     kong-oauth2-introspection health --url URL         is each config's IdP and Redis answering?
-    kong-oauth2-introspection docs                     the option table (Markdown)
+    kong-oauth2-introspection docs                     both plugins' option tables (Markdown)
 
 One plugin per server: Kong 3.9 registers only the first plugin a query command
 lists, so every ``pluginserver_names`` entry runs ``serve --plugin NAME`` (socket
@@ -69,11 +69,20 @@ def dump(argv: List[str]) -> int:
 
 
 def docs(argv: List[str]) -> int:
-    argparse.ArgumentParser(prog=f"{PROG} docs",
-                            description="Print the option table, generated from the schema."
-                            ).parse_args(argv)
-    from .schema import markdown_table
-    sys.stdout.write(markdown_table())
+    from .plugins import ALL
+    names = [cls.NAME for cls in ALL]
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} docs",
+        description="Print each plugin's option table (Markdown), generated from its schema.")
+    parser.add_argument("--plugin", choices=names, default=None,
+                        help="only this plugin's table (default: every plugin's, each under "
+                             "a heading naming it)")
+    args = parser.parse_args(argv)
+    from .schema import load
+    if args.plugin:
+        sys.stdout.write(load(args.plugin).markdown_table())
+        return 0
+    sys.stdout.write("\n".join(f"### {name}\n\n{load(name).markdown_table()}" for name in names))
     return 0
 
 
@@ -102,7 +111,8 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help="accepted for kong-pdk compatibility: the server is always "
                              "event-driven")
     parser.add_argument("-m", "--multiprocessing", action="store_true",
-                        help="refused: see the README's 'Which mode to run'")
+                        help="refused: a process pool serves only as many events at once "
+                             "as there are CPUs (see the README's 'Operations')")
     parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                         help="serve Prometheus /metrics and /health on this loopback port "
                              "(0: any free port, logged; default: off)")
@@ -208,7 +218,7 @@ def _usage() -> str:
              "-kong-prefix DIR)",
              "  dump    print one plugin's info as Kong's query_cmd reads it (--plugin NAME)"]
     lines += [f"  {n:<7} {h}" for n, (_, h) in _DELEGATED.items()]
-    lines += ["  docs    print the option table generated from the schema", "",
+    lines += ["  docs    print the plugins' option tables, generated from their schemas", "",
               f"'{PROG} COMMAND --help' tells more."]
     return "\n".join(lines)
 
@@ -220,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(_usage(), file=sys.stdout if argv else sys.stderr)
             return 0 if argv else 2
         if argv[0] in ("--version", "-version", "version"):
-            print(f"{NAME} {VERSION}")
+            print(f"{PROG} {VERSION}")
             return 0
         command, rest = argv[0], argv[1:]
         if command.startswith("-"):  # kong-pdk's command line: serve, or -dump
