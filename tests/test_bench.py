@@ -1,6 +1,6 @@
 """The benchmark's comparison rows stay honest: the lower-bound server makes exactly
-the PDK calls our cache hit makes, and the floor exactly one (bench/README figures
-compare against them)."""
+the PDK calls our cache hit makes, and the floor exactly one (the figures in
+docs/benchmark.md compare against them)."""
 
 import os
 import sys

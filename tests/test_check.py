@@ -88,7 +88,8 @@ def test_every_problem_of_every_entry_with_its_location(capsys, tmp_path):
 
 def test_vault_references_accepted_where_kong_accepts_them(capsys, tmp_path):
     # referenceable fields: a {vault://...} value skips the field's other rules,
-    # store.secret's 16/24/32-byte rule included (the README's example).
+    # store.secret's 16/24/32-byte rule included (the README advises vault references
+    # for such secrets).
     code, lines, _ = run(capsys, """\
         plugins:
           - name: oauth2-introspection

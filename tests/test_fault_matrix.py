@@ -5,7 +5,7 @@ lost requests (no answer at all: must be 0). Then a fuzz of raw bytes through
 every part of a request, and a soak.
 
 The table prints at the end of the run (``-rA`` or the terminal summary) and is
-the one in the README."""
+the one in docs/fault-matrix.md."""
 
 import collections
 import itertools

@@ -338,7 +338,7 @@ def test_command_yaml_keeps_the_lua_readable(capsys):
     assert "- |\n" in out and "      local run_on_preflight = false\n" in out
 
 
-def test_readme_shows_the_rendered_chunk():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Failing closed"):]
+def test_design_notes_show_the_rendered_chunk():
+    notes = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    section = notes[notes.index("## The guard's chunk"):]
     assert "```lua\n" + guard.render(True) + "```\n" in section
