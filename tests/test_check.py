@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
 from kong_oauth2_introspection import check
+from kong_oauth2_introspection.guard import post_function_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = str(Path(sys.executable).parent / "kong-oauth2-introspection")
@@ -25,9 +28,30 @@ GOOD = """\
 """
 
 
-def run(capsys, text, tmp_path):
+def guarded(text):
+    """``text`` with the guard added to every scope that carries oauth2-introspection
+    (after its other plugins, so their locations stay), for the cases that are not
+    about the guard; text that is not a declarative config stays as it is."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if not isinstance(doc, dict):
+        return text
+    scopes = [doc] + list(doc.get("routes") or [])
+    for service in doc.get("services") or []:
+        scopes += [service] + list(service.get("routes") or [])
+    for scope in scopes:
+        ours = [p for p in scope.get("plugins") or [] if p.get("name") == "oauth2-introspection"]
+        if ours:
+            scope["plugins"].append(post_function_entry(ours[0].get("config")))
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def run(capsys, text, tmp_path, guard=True):
     path = tmp_path / "kong.yml"
-    path.write_text(textwrap.dedent(text))
+    text = textwrap.dedent(text)
+    path.write_text(guarded(text) if guard else text)
     code = check.main([str(path)])
     out, err = capsys.readouterr()
     return code, out.splitlines(), err
@@ -78,12 +102,15 @@ def test_every_problem_of_every_entry_with_its_location(capsys, tmp_path):
         # validate_field: empty strings are refused unless len_min says otherwise;
         # authorization_value is referenceable, so its value is never echoed.
         "plugins[1].config.authorization_value: length must be at least 1",
+        # Kong runs at_least_one_of even on an invalid field (run_with_invalid_fields).
+        "plugins[1].config.authorization_value: at least one of these fields must be "
+        "non-empty: 'config.authorization_value', 'config.introspection_endpoint_auth_method'",
         "services[0].routes[0].plugins[0].config.consumer_by: "
         "expected one of: username, client_id",
         "services[0].routes[0].plugins[0].config.store.redis.endpoints.2: invalid value: redis",
         "routes[0].plugins[0].config.introspection_url: required field missing",
     ]
-    assert "6 problems in 3 oauth2-introspection entries" in err
+    assert "7 problems in 3 oauth2-introspection entries" in err
 
 
 def test_vault_references_accepted_where_kong_accepts_them(capsys, tmp_path):
@@ -198,7 +225,8 @@ def test_second_plugin_checked_too(capsys, tmp_path):
         """, tmp_path)
     assert code == 1
     assert lines == [
-        "plugins[0].config.client_id, config.client_secret: set both or neither",
+        "plugins[0].config.client_id: all or none of these fields must be set: "
+        "'config.client_id', 'config.client_secret'",
         "plugins[1].config.audience: length must be at least 1"]
     assert "2 problems in 3 oauth2-client-credentials, oauth2-introspection entries" in err
 
@@ -245,7 +273,14 @@ def test_json_declarative_config_accepted(capsys, tmp_path):
                     '{"introspection_url": "https://idp/x", "authorization_value": ""}}]}')
     assert check.main([str(path)]) == 1
     assert capsys.readouterr().out.splitlines() == [
-        "plugins[0].config.authorization_value: length must be at least 1"]
+        "plugins[0].config.authorization_value: length must be at least 1",
+        "plugins[0].config.authorization_value: at least one of these fields must be "
+        "non-empty: 'config.authorization_value', 'config.introspection_endpoint_auth_method'",
+        NO_GUARD]
+
+
+NO_GUARD = ("plugins: oauth2-introspection applies here without the post-function guard "
+            "(run_on_preflight=true, anonymous unset)")
 
 
 def test_help_and_usage(capsys):
@@ -271,7 +306,11 @@ def test_installed_command_exit_codes(tmp_path):
     bad.write_text("plugins:\n" + GOOD.replace("Basic a29uZzpzZWNyZXQ=", '""'))
     failed = _command(str(bad))
     assert failed.returncode == 1
-    assert failed.stdout == "plugins[0].config.authorization_value: length must be at least 1\n"
+    assert failed.stdout.splitlines() == [
+        "plugins[0].config.authorization_value: length must be at least 1",
+        "plugins[0].config.authorization_value: at least one of these fields must be "
+        "non-empty: 'config.authorization_value', 'config.introspection_endpoint_auth_method'",
+        NO_GUARD]
 
     missing = _command(str(tmp_path / "nope.yml"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
@@ -279,7 +318,7 @@ def test_installed_command_exit_codes(tmp_path):
 
 
 def test_installed_command_reads_standard_input():
-    result = _command("-", stdin="plugins:\n" + GOOD)
+    result = _command("-", stdin=guarded("plugins:\n" + GOOD))
     assert result.returncode == 0 and "1 oauth2-introspection entry, all valid" in result.stdout
     empty = _command("-", stdin="")
     assert empty.returncode == 1 and "all valid" not in empty.stdout
@@ -291,11 +330,11 @@ def test_a_timeout_and_retries_that_cannot_fit_the_request_deadline_are_refused(
     path = tmp_path / "kong.yml"
     base = "_format_version: '3.0'\nplugins:\n- name: oauth2-introspection\n  config:\n" \
            "    introspection_url: http://idp/i\n    authorization_value: Basic x\n"
-    path.write_text(base + "    timeout: 10000\n    max_retries: 3\n")
+    path.write_text(guarded(base + "    timeout: 10000\n    max_retries: 3\n"))
     run = subprocess.run([COMMAND, "check", str(path)], capture_output=True, text=True)
     assert run.returncode == 1 and "request deadline" in run.stdout
-    path.write_text(base + "    timeout: 10000\n    max_retries: 1\n")
+    path.write_text(guarded(base + "    timeout: 10000\n    max_retries: 1\n"))
     assert subprocess.run([COMMAND, "check", str(path)], capture_output=True).returncode == 0
-    path.write_text(base + "    timeout: 30001\n")
+    path.write_text(guarded(base + "    timeout: 30001\n"))
     run = subprocess.run([COMMAND, "check", str(path)], capture_output=True, text=True)
     assert run.returncode == 1 and "config.timeout" in run.stdout
