@@ -249,10 +249,15 @@ def _stand_in_for_resolved(plugin_schema: PluginSchema, entry: Entry) -> Dict[st
     return entity
 
 
+_NOT_PEM = {"ca": "not PEM certificates", "cert": "not a PEM certificate",
+            "key": "not an unencrypted PEM private key"}
+
+
 def _pem_problems(conf: Dict[str, Any], records: Sequence[str]) -> List[Violation]:
     """PEM certificates and keys that do not parse (the plugin would fail every
     request with them)."""
     from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     found = []
@@ -272,10 +277,8 @@ def _pem_problems(conf: Dict[str, Any], records: Sequence[str]) -> List[Violatio
                     serialization.load_pem_private_key(data, password=None)
                 elif not x509.load_pem_x509_certificates(data):
                     raise ValueError
-            except (ValueError, TypeError, x509.UnsupportedGeneralNameType):
-                what = ("not an unencrypted PEM private key" if name == "key"
-                        else "not a PEM certificate" + ("s" if name == "ca" else ""))
-                found.append(Violation(f"config.{record}.{name}", what))
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                found.append(Violation(f"config.{record}.{name}", _NOT_PEM[name]))
     return found
 
 

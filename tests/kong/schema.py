@@ -105,7 +105,10 @@ def _validate(path: str, fdef: Dict[str, Any], value: Any) -> Any:
             raise SchemaViolation(path, "value must be greater than %s" % fdef["gt"])
         return value
     if t == "string":
-        _validate_string(path, fdef, value)
+        # validate_field: a vault reference in a referenceable field skips every
+        # validator (Kong resolves it later).
+        if not (fdef.get("referenceable") and _is_reference(value)):
+            _validate_string(path, fdef, value)
         return value
     if t in ("array", "set"):
         seq = value if isinstance(value, list) else []
