@@ -184,12 +184,14 @@ def _secret(ref: Any) -> str:
 def kubernetes_entries(docs: Sequence[Any]) -> Tuple[List[Entry], List[str]]:
     """Our KongPlugin / KongClusterPlugin resources (other kinds are passed over),
     and the problems the CRDs' own rules find."""
-    entries, found = [], []
+    entries: List[Entry] = []
+    found: List[str] = []
     for index, doc in enumerate(docs):
         if not isinstance(doc, dict) or doc.get("kind") not in _K8S_KINDS \
                 or doc.get("plugin") not in PLUGINS:
             continue
-        meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+        meta = doc.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
         where = "%s/%s" % (doc["kind"], meta.get("name") or f"[{index}]")
         # The CRDs' x-kubernetes-validations.
         if "config" in doc and "configFrom" in doc:
@@ -337,8 +339,10 @@ def _mapping(loader: _Loader, node: yaml.MappingNode) -> Dict[Any, Any]:
         except TypeError:   # an unhashable key: yaml refuses it below
             continue
         if duplicate:
+            mark = key_node.start_mark
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
+                None, None, f"duplicate key {key!r} at line {mark.line + 1}, "
+                f"column {mark.column + 1}")
     loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=True)
 
@@ -364,9 +368,19 @@ def _parse(text: str) -> List[Any]:
             raise
         try:
             return [json.loads(text, object_pairs_hook=_json_pairs)]  # JSON YAML refuses (tabs)
-        except ValueError:
+        except json.JSONDecodeError:
             pass
         raise
+
+
+def _reason(err: Exception) -> str:
+    """A parse error in one line, without the snippet of the file PyYAML quotes
+    (the line could hold a secret)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return " ".join(f"{err.problem}{where}".split())
+    return " ".join(str(err).split())
 
 
 def main(argv: Sequence[str]) -> int:
@@ -391,8 +405,8 @@ def main(argv: Sequence[str]) -> int:
         return 2
     try:
         docs = [d for d in _parse(text) if d is not None]
-    except yaml.YAMLError as err:
-        print(f"{name}: not YAML or JSON: {' '.join(str(err).split())}", file=sys.stderr)
+    except (yaml.YAMLError, ValueError) as err:   # ValueError: a key twice in JSON
+        print(f"{name}: not YAML or JSON: {_reason(err)}", file=sys.stderr)
         return 2
     except RecursionError:
         print(f"{name}: not YAML or JSON this command can read: nested too deep",

@@ -195,8 +195,8 @@ def run_entity_checks(record: Dict[str, Any], entity: Dict[str, Any], path: str 
             names = [arg["if_field"], arg["then_field"]]
         else:
             names = list(arg)
-        if any(_is_reference(_get_field(entity, n)) and _schema_field(record, n).get("referenceable")
-               for n in names):
+        if any(_is_reference(_get_field(entity, n))
+               and _schema_field(record, n).get("referenceable") for n in names):
             continue
         where = path or "@entity"
         if rule == "conditional":
@@ -222,7 +222,8 @@ def run_entity_checks(record: Dict[str, Any], entity: Dict[str, Any], path: str 
               "mutually_required": filled in (0, len(names)),
               "mutually_exclusive": filled <= 1}[rule]
         if not ok:
-            raise SchemaViolation(where, _ENTITY_ERRORS[rule] % ", ".join("'%s'" % n for n in names))
+            listed = ", ".join("'%s'" % n for n in names)
+            raise SchemaViolation(where, _ENTITY_ERRORS[rule] % listed)
 
 
 def fill_record(path: str, fields: List[Dict[str, Any]], given: Dict[str, Any]) -> Dict[str, Any]:
