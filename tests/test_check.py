@@ -4,6 +4,7 @@ Expected answers follow Kong 3.9's schema engine (kong/db/schema/init.lua) and t
 plugins entity: the comment on each case names the rule that decides it.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
 from kong_oauth2_introspection import check
+from kong_oauth2_introspection.guard import post_function_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = str(Path(sys.executable).parent / "kong-oauth2-introspection")
@@ -25,9 +29,30 @@ GOOD = """\
 """
 
 
-def run(capsys, text, tmp_path):
+def guarded(text):
+    """``text`` with the guard added to every scope that carries oauth2-introspection
+    (after its other plugins, so their locations stay), for the cases that are not
+    about the guard; text that is not a declarative config stays as it is."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if not isinstance(doc, dict):
+        return text
+    scopes = [doc] + list(doc.get("routes") or [])
+    for service in doc.get("services") or []:
+        scopes += [service] + list(service.get("routes") or [])
+    for scope in scopes:
+        ours = [p for p in scope.get("plugins") or [] if p.get("name") == "oauth2-introspection"]
+        if ours:
+            scope["plugins"].append(post_function_entry(ours[0].get("config")))
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def run(capsys, text, tmp_path, guard=True):
     path = tmp_path / "kong.yml"
-    path.write_text(textwrap.dedent(text))
+    text = textwrap.dedent(text)
+    path.write_text(guarded(text) if guard else text)
     code = check.main([str(path)])
     out, err = capsys.readouterr()
     return code, out.splitlines(), err
@@ -78,12 +103,15 @@ def test_every_problem_of_every_entry_with_its_location(capsys, tmp_path):
         # validate_field: empty strings are refused unless len_min says otherwise;
         # authorization_value is referenceable, so its value is never echoed.
         "plugins[1].config.authorization_value: length must be at least 1",
+        # Kong runs at_least_one_of even on an invalid field (run_with_invalid_fields).
+        "plugins[1].config.authorization_value: at least one of these fields must be "
+        "non-empty: 'config.authorization_value', 'config.introspection_endpoint_auth_method'",
         "services[0].routes[0].plugins[0].config.consumer_by: "
         "expected one of: username, client_id",
         "services[0].routes[0].plugins[0].config.store.redis.endpoints.2: invalid value: redis",
         "routes[0].plugins[0].config.introspection_url: required field missing",
     ]
-    assert "6 problems in 3 oauth2-introspection entries" in err
+    assert "7 problems in 3 oauth2-introspection entries" in err
 
 
 def test_vault_references_accepted_where_kong_accepts_them(capsys, tmp_path):
@@ -199,7 +227,8 @@ def test_second_plugin_checked_too(capsys, tmp_path):
         """, tmp_path)
     assert code == 1
     assert lines == [
-        "plugins[0].config.client_id, config.client_secret: set both or neither",
+        "plugins[0].config.client_id: all or none of these fields must be set: "
+        "'config.client_id', 'config.client_secret'",
         "plugins[1].config.audience: length must be at least 1"]
     assert "2 problems in 3 oauth2-client-credentials, oauth2-introspection entries" in err
 
@@ -246,7 +275,14 @@ def test_json_declarative_config_accepted(capsys, tmp_path):
                     '{"introspection_url": "https://idp/x", "authorization_value": ""}}]}')
     assert check.main([str(path)]) == 1
     assert capsys.readouterr().out.splitlines() == [
-        "plugins[0].config.authorization_value: length must be at least 1"]
+        "plugins[0].config.authorization_value: length must be at least 1",
+        "plugins[0].config.authorization_value: at least one of these fields must be "
+        "non-empty: 'config.authorization_value', 'config.introspection_endpoint_auth_method'",
+        NO_GUARD]
+
+
+NO_GUARD = ("plugins: oauth2-introspection applies here without the post-function guard "
+            "(run_on_preflight=true, anonymous unset)")
 
 
 def test_help_and_usage(capsys):
@@ -272,7 +308,11 @@ def test_installed_command_exit_codes(tmp_path):
     bad.write_text("plugins:\n" + GOOD.replace("Basic a29uZzpzZWNyZXQ=", '""'))
     failed = _command(str(bad))
     assert failed.returncode == 1
-    assert failed.stdout == "plugins[0].config.authorization_value: length must be at least 1\n"
+    assert failed.stdout.splitlines() == [
+        "plugins[0].config.authorization_value: length must be at least 1",
+        "plugins[0].config.authorization_value: at least one of these fields must be "
+        "non-empty: 'config.authorization_value', 'config.introspection_endpoint_auth_method'",
+        NO_GUARD]
 
     missing = _command(str(tmp_path / "nope.yml"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
@@ -280,7 +320,7 @@ def test_installed_command_exit_codes(tmp_path):
 
 
 def test_installed_command_reads_standard_input():
-    result = _command("-", stdin="plugins:\n" + GOOD)
+    result = _command("-", stdin=guarded("plugins:\n" + GOOD))
     assert result.returncode == 0 and "1 oauth2-introspection entry, all valid" in result.stdout
     empty = _command("-", stdin="")
     assert empty.returncode == 1 and "all valid" not in empty.stdout
@@ -292,11 +332,228 @@ def test_a_timeout_and_retries_that_cannot_fit_the_request_deadline_are_refused(
     path = tmp_path / "kong.yml"
     base = "_format_version: '3.0'\nplugins:\n- name: oauth2-introspection\n  config:\n" \
            "    introspection_url: http://idp/i\n    authorization_value: Basic x\n"
-    path.write_text(base + "    timeout: 10000\n    max_retries: 3\n")
+    path.write_text(guarded(base + "    timeout: 10000\n    max_retries: 3\n"))
     run = subprocess.run([COMMAND, "check", str(path)], capture_output=True, text=True)
     assert run.returncode == 1 and "request deadline" in run.stdout
-    path.write_text(base + "    timeout: 10000\n    max_retries: 1\n")
+    path.write_text(guarded(base + "    timeout: 10000\n    max_retries: 1\n"))
     assert subprocess.run([COMMAND, "check", str(path)], capture_output=True).returncode == 0
-    path.write_text(base + "    timeout: 30001\n")
+    path.write_text(guarded(base + "    timeout: 30001\n"))
     run = subprocess.run([COMMAND, "check", str(path)], capture_output=True, text=True)
     assert run.returncode == 1 and "config.timeout" in run.stdout
+
+
+# --- check as a CI gate -------------------------------------------------------------
+
+def test_kong_yml_without_its_guards_fails_with_one_line_per_scope(capsys, tmp_path):
+    doc = yaml.safe_load((ROOT / "kong.yml").read_text())
+    scopes = [doc] + doc["services"] + [r for s in doc["services"] for r in s.get("routes", [])]
+    for scope in scopes:
+        if scope.get("plugins"):
+            scope["plugins"] = [p for p in scope["plugins"] if p["name"] != "post-function"]
+    path = tmp_path / "kong.yml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert check.main([str(path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all("without the post-function guard" in line for line in lines)
+    assert {line.split(":")[0] for line in lines} == {
+        "services[0].plugins", "services[0].routes[1].plugins", "services[1].plugins"}
+
+
+def test_a_guard_rendered_for_other_settings_or_shadowed_is_a_problem(capsys, tmp_path):
+    # The guard of the default settings, on a plugin with run_on_preflight false; and a
+    # route's own post-function (no guard), which replaces the service's guard there.
+    code, lines, _ = run(capsys, """\
+        services:
+          - name: s
+            url: http://upstream
+            plugins:
+              - name: oauth2-introspection
+                config: {introspection_url: "https://idp/x", authorization_value: Basic abc,
+                         run_on_preflight: false}
+              - %s
+            routes:
+              - name: r
+                paths: [/r]
+                plugins:
+                  - name: post-function
+                    config: {access: ["kong.log.info('hello')"]}
+        """ % json.dumps(post_function_entry({})), tmp_path, guard=False)
+    assert code == 1
+    assert lines == [
+        "services[0].plugins: oauth2-introspection applies here without the post-function "
+        "guard (run_on_preflight=false, anonymous unset)",
+        "services[0].routes[0].plugins: oauth2-introspection applies here without the "
+        "post-function guard (run_on_preflight=false, anonymous unset)"]
+
+
+def test_schema_and_plugin_problems_of_an_entry_are_printed_together(capsys, tmp_path):
+    code, lines, err = run(capsys, """\
+        plugins:
+          - name: oauth2-introspection
+            config:
+              introspection_url: https://idp/x
+              authorization_value: Basic abc
+              ttl: soon
+              claims: "Equals(`grp`"
+              client_tls: {ca: not a pem}
+        """, tmp_path)
+    assert code == 1
+    assert lines[0] == "plugins[0].config.ttl: expected a number"
+    assert lines[1] == "plugins[0].config.client_tls.ca: not PEM certificates"
+    assert lines[2].startswith("plugins[0].config.claims: ") and len(lines) == 3
+    assert "3 problems in 1 oauth2-introspection entry" in err
+
+
+def test_pems_and_jwks_are_parsed(capsys, tmp_path):
+    from certs import make_ca_and_certs
+    pems = make_ca_and_certs(tmp_path / "pki")
+    good = {"ca": pems["ca"], "cert": pems["client_cert"], "key": pems["client_key"]}
+    for tls, expected in [
+            (good, []),
+            (dict(good, cert=pems["client_key"]),
+             ["plugins[0].config.client_tls.cert: not a PEM certificate"]),
+            (dict(good, key="-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"),
+             ["plugins[0].config.client_tls.key: not an unencrypted PEM private key"]),
+            (dict(good, key="{vault://env/tls-key}"), [])]:
+        config = {"introspection_url": "https://idp/x", "authorization_value": "Basic abc",
+                  "client_tls": tls}
+        code, lines, _ = run(capsys, yaml.safe_dump(
+            {"plugins": [{"name": "oauth2-introspection", "config": config}]}), tmp_path)
+        assert lines[:-1] == expected if not expected else lines == expected
+        assert code == (1 if expected else 0)
+        assert "PRIVATE KEY" not in "\n".join(lines)
+    code, lines, _ = run(capsys, """\
+        plugins:
+          - name: oauth2-introspection
+            config:
+              introspection_url: https://idp/x
+              introspection_endpoint_auth_method: private_key_jwt
+              client_id: kong
+              client_jwk: '{"kty": "EC", "crv": "P-256", "d": "AAAA"}'
+          - name: oauth2-client-credentials
+            config:
+              url: https://idp/token
+              audience: https://api
+              client_config: {tls: {ca: "-----BEGIN CERTIFICATE-----\\nnope\\n"}}
+        """, tmp_path)
+    assert code == 1
+    assert lines == ["plugins[0].config.client_jwk: is not a usable ES256 key",
+                     "plugins[1].config.client_config.tls.ca: not PEM certificates"]
+
+
+@pytest.mark.parametrize("text", [
+    "plugins:\n  - name: oauth2-introspection\n    config:\n      ttl: 30\n      ttl: 60\n",
+    '{"plugins":\t[{"name": "oauth2-introspection", "name": "key-auth"}]}',
+])
+def test_duplicate_keys_refused_with_one_line(capsys, tmp_path, text):
+    path = tmp_path / "kong.yml"
+    path.write_text(text)
+    assert check.main([str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "duplicate key" in err
+
+
+@pytest.mark.parametrize("text", ["[" * 1000 + "]" * 1000,
+                                  '{"a":' * 1000 + "1" + "}" * 1000,
+                                  "plugins:\n" + "".join("  " * n + "- \n"
+                                                          for n in range(1, 1000))])
+def test_input_nested_too_deep_refused_with_one_line(text):
+    result = _command("-", stdin=text)
+    assert result.returncode == 2, result
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+DECK = """\
+_format_version: "3.0"
+_info:
+  select_tags: [auth]
+  defaults: {}
+_konnect:
+  control_plane_name: default
+plugins:
+  - name: oauth2-introspection
+    tags: [auth]
+    config:
+      introspection_url: ${{ env "DECK_INTROSPECTION_URL" }}
+      authorization_value: ${{ env "DECK_INTROSPECTION_AUTH" }}
+      ttl: 30
+  - %s
+"""
+
+
+def test_deck_files_and_their_env_placeholders(tmp_path):
+    path = tmp_path / "kong.yml"
+    path.write_text(DECK % json.dumps(post_function_entry({})))
+    result = _command(str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all valid (2 values filled in later)" in result.stdout
+    assert ('plugins[0].config.authorization_value: resolved by decK '
+            '(${{ env "DECK_INTROSPECTION_AUTH" }}), not checked') in result.stderr
+    assert "plugins[0].config.introspection_url: resolved by decK" in result.stderr
+    # A literal value next to them is still checked.
+    path.write_text((DECK % json.dumps(post_function_entry({}))).replace("ttl: 30", "ttl: -1"))
+    result = _command(str(path))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        "plugins[0].config.ttl: value should be between 0 and 31536000"]
+
+
+MANIFESTS = """\
+apiVersion: v1
+kind: Secret
+metadata: {name: introspection-auth}
+stringData: {authorization_value: "Basic a29uZzpzZWNyZXQ="}
+---
+apiVersion: configuration.konghq.com/v1
+kind: KongPlugin
+metadata: {name: introspection}
+plugin: oauth2-introspection
+config:
+  introspection_url: https://idp.example/introspect
+  ttl: 30
+configPatches:
+  - path: /authorization_value
+    valueFrom: {secretKeyRef: {name: introspection-auth, key: authorization_value}}
+---
+apiVersion: configuration.konghq.com/v1
+kind: KongClusterPlugin
+metadata: {name: client-credentials, labels: {global: "true"}}
+plugin: oauth2-client-credentials
+configFrom:
+  secretKeyRef: {name: cc-config, key: config, namespace: kong}
+---
+apiVersion: configuration.konghq.com/v1
+kind: KongClusterPlugin
+metadata: {name: guard}
+plugin: post-function
+config: {access: ["return"]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo}
+"""
+
+
+def test_kubernetes_manifests(tmp_path):
+    path = tmp_path / "plugins.yaml"
+    path.write_text(MANIFESTS)
+    result = _command(str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 oauth2-client-credentials, oauth2-introspection entries, all valid" in result.stdout
+    assert ("KongPlugin/introspection.config.authorization_value: resolved by Kubernetes "
+            "(Secret introspection-auth key authorization_value), not checked") in result.stderr
+    assert ("KongClusterPlugin/client-credentials.config: resolved by Kubernetes "
+            "(Secret cc-config key config), not checked") in result.stderr
+    bad = MANIFESTS.replace("ttl: 30", "ttl: -1").replace(
+        "configFrom:", "config: {url: https://idp/t}\nconfigFrom:")
+    path.write_text(bad)
+    result = _command(str(path))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        "KongClusterPlugin/client-credentials: config and configFrom: not both "
+        "(the CRD refuses it)",
+        "KongPlugin/introspection.config.ttl: value should be between 0 and 31536000"]
+    # Without the patch, nothing says how the plugin authenticates to the IdP.
+    path.write_text(MANIFESTS.split("configPatches:")[0])
+    result = _command(str(path))
+    assert result.returncode == 1 and "at least one of these fields" in result.stdout

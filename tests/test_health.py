@@ -121,7 +121,9 @@ def test_client_credentials_configs(server, auth_server):
     usable = server.configure({"url": auth_server.token_url, "audience": "https://api.test"},
                               name=cc)
     unusable = server.configure({"url": auth_server.token_url, "audience": "https://api.test",
-                                 "client_id": "svc-no-secret"}, name=cc)   # no secret
+                                 # a claims expression that does not parse: the
+                                 # schema (hence Kong) cannot judge it
+                                 "claims": "Equals(`grp`"}, name=cc)
     assert server.request(usable).status == 401        # no client credentials sent
     assert server.request(unusable).status == 500
     fresh(server)

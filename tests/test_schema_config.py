@@ -147,7 +147,7 @@ def test_vault_reference_accepted_in_referenceable_fields():
     assert _errors(authorization_value="{vault://env/introspection-auth}",
                    store={"secret": "{vault://env/cache-key}",
                           "redis": {"password": "{vault://aws/redis/password}"}},
-                   client_tls={"key": "{vault://hcv/tls/key}"}) == []
+                   client_tls={"cert": "PEM", "key": "{vault://hcv/tls/key}"}) == []
 
 
 def test_vault_reference_refused_in_other_fields():
@@ -249,6 +249,14 @@ _FIELD_ATTRIBUTES = {
 _ATTRIBUTE_TYPES = {"between": {"integer", "number"}, "match": {"string"},
                     "one_of": {"string", "number", "integer"},
                     "len_eq": {"array", "set", "string", "map"}, "uuid": {"string"}}
+# metaschema.lua's entity_checkers: the rules and the keys their record takes.
+_ENTITY_CHECKERS = {
+    "at_least_one_of": None, "only_one_of": None, "distinct": None,
+    "mutually_required": None, "mutually_exclusive": None,
+    "conditional": {"if_field", "if_match", "then_field", "then_match", "then_err"},
+    "conditional_at_least_one_of": {"if_field", "if_match", "then_at_least_one_of", "then_err",
+                                    "else_match", "else_then_at_least_one_of", "else_then_err"},
+}
 _REQUIRED_ATTRIBUTES = {"array": {"elements"}, "set": {"elements"},
                         "map": {"keys", "values"}, "record": {"fields"}}
 
@@ -276,7 +284,12 @@ def test_kong_schema_passes_kongs_metaschema(plugin):
     except FileNotFoundError:
         pytest.skip(f"schema/{plugin}.json not there yet")
     dumped = plugin_schema.kong_schema()
-    assert set(dumped) == {"name", "fields"} and dumped["name"] == plugin
+    assert set(dumped) == {"name", "fields", "entity_checks"} and dumped["name"] == plugin
+    for check in dumped["entity_checks"]:   # the metaschema's entity_checks_schema
+        (rule, arg), = check.items()
+        assert rule in _ENTITY_CHECKERS, check
+        assert set(arg) <= _ENTITY_CHECKERS[rule] if isinstance(arg, dict) else \
+            all(isinstance(name, str) for name in arg)
     assert _metaschema_problems("", {"type": "record", "fields": dumped["fields"]}) == []
     text = json.dumps(dumped)
     assert '"traefik"' not in text and '"origin"' not in text and '"description"' not in text
@@ -371,7 +384,13 @@ def test_certificate_and_key_go_together():
     assert _errors(store={"redis": {"tls": {"key": "PEM"}}}) == [
         "config.store.redis.tls: all or none of these fields must be set: 'cert', 'key'"]
     assert _errors(client_tls={"cert": "PEM", "key": "PEM"}) == []
-    assert _errors(client_tls={"key": "{vault://env/tls-key}"}) == []
+    # Kong lets a key that is a reference through without its cert; the plugin could
+    # not use it, so the offline check still says so, and says that Kong would not.
+    assert _errors(client_tls={"key": "{vault://env/tls-key}"}) == [
+        "config.client_tls: all or none of these fields must be set: 'cert', 'key'"
+        + schema.KONG_SKIPS]
+    assert schema.validate(dict(BASE, client_tls={"key": "{vault://env/tls-key}"}),
+                           kong=True)[1] == []
 
 
 def test_unsupported_schema_constructs_refused_at_load():
@@ -381,3 +400,171 @@ def test_unsupported_schema_constructs_refused_at_load():
         schema.PluginSchema({"name": "x", "fields": [{"r": {
             "type": "record", "fields": [{"a": {"type": "string"}}],
             "entity_checks": [{"conditional": {"if_field": "a"}}]}}]})
+
+
+# --- entity checks: what Kong refuses because the plugin could not run it ----------------
+# Each case: plugin, config, the line `check` prints (after "plugins[0]."), and the
+# text the stand-in's Kong schema layer (Admin API / POST /config) refuses it with.
+# The checks come from the dumped schema alone: the stand-in reads them from the
+# query command, as Kong 3.9 does (process.lua: schema = info.Schema).
+
+_IDP = {"introspection_url": "https://idp.test/introspect"}
+_CC = {"url": "https://idp.test/token", "audience": "https://api.test"}
+_JWT = "application/token-introspection+jwt"
+_BASIC = {"introspection_endpoint_auth_method": "client_secret_basic", "client_id": "kong",
+          "client_secret": "s3cret"}
+_COND = "required field missing (failed conditional validation given value of field '%s')"
+_METHOD = "config.introspection_endpoint_auth_method"
+ENTITY_CASES = [
+    ("neither", "oauth2-introspection", {},
+     "config.authorization_value: at least one of these fields must be non-empty: "
+     "'config.authorization_value', 'config.introspection_endpoint_auth_method'",
+     "at least one of these fields must be non-empty"),
+    ("both", "oauth2-introspection", dict(_BASIC, authorization_value="Basic eDp5"),
+     "config.authorization_value: only one or none of these fields must be set: "
+     "'config.authorization_value', 'config.introspection_endpoint_auth_method'",
+     "only one or none of these fields must be set"),
+    ("method-without-client_id", "oauth2-introspection",
+     {"introspection_endpoint_auth_method": "client_secret_post", "client_secret": "s"},
+     "config.client_id: " + _COND % _METHOD, "config.client_id: required field missing"),
+    ("basic-without-secret", "oauth2-introspection",
+     {"introspection_endpoint_auth_method": "client_secret_basic", "client_id": "kong"},
+     "config.client_secret: " + _COND % _METHOD, "config.client_secret: required field missing"),
+    ("secret_jwt-with-rsa", "oauth2-introspection",
+     {"introspection_endpoint_auth_method": "client_secret_jwt", "client_id": "kong",
+      "client_secret": "s", "client_alg": "RS256"},
+     "config.client_alg: expected one of: HS256, HS384, HS512 (with %s client_secret_jwt, "
+     "client_alg must be HS256, HS384 or HS512)" % _METHOD, "client_alg must be HS256"),
+    ("private_key_jwt-without-jwk", "oauth2-introspection",
+     {"introspection_endpoint_auth_method": "private_key_jwt", "client_id": "kong"},
+     "config.client_jwk: " + _COND % _METHOD, "config.client_jwk: required field missing"),
+    ("private_key_jwt-with-hmac", "oauth2-introspection",
+     {"introspection_endpoint_auth_method": "private_key_jwt", "client_id": "kong",
+      "client_jwk": "{vault://env/jwk}", "client_alg": "HS256"},
+     "config.client_alg: expected one of: RS256, RS384, RS512, PS256, PS384, PS512, ES256, "
+     "ES384, ES512, EdDSA (with %s private_key_jwt, client_alg must be an asymmetric "
+     "algorithm)" % _METHOD, "client_alg must be an asymmetric algorithm"),
+    ("tls_client_auth-without-cert", "oauth2-introspection",
+     {"introspection_endpoint_auth_method": "tls_client_auth", "client_id": "kong"},
+     "config.client_tls.cert: " + _COND % _METHOD,
+     "config.client_tls.cert: required field missing"),
+    ("pre_authorization-without-method", "oauth2-introspection",
+     {"authorization_value": "Basic eDp5", "pre_authorization": {"token_url": "https://idp/t"}},
+     "%s: " % _METHOD + _COND % "config.pre_authorization.token_url",
+     "%s: required field missing" % _METHOD),
+    ("signed-without-issuer", "oauth2-introspection",
+     {"authorization_value": "Basic eDp5", "introspection_accept": _JWT, "client_id": "rs"},
+     "config.issuer: " + _COND % "config.introspection_accept",
+     "config.issuer: required field missing"),
+    ("signed-without-client_id", "oauth2-introspection",
+     {"authorization_value": "Basic eDp5", "introspection_accept": _JWT,
+      "issuer": "https://idp.test"},
+     "config.client_id: " + _COND % "config.introspection_accept",
+     "config.client_id: required field missing"),
+    ("jwt-header-without-signed", "oauth2-introspection",
+     {"authorization_value": "Basic eDp5", "upstream_introspection_jwt_header": "X-Intro-JWT"},
+     "config.introspection_accept: value must be %s (config.upstream_introspection_jwt_header "
+     "needs config.introspection_accept %s)" % (_JWT, _JWT), "needs config.introspection_accept"),
+    ("cc-client_id-without-secret", "oauth2-client-credentials", {"client_id": "gw"},
+     "config.client_id: all or none of these fields must be set: "
+     "'config.client_id', 'config.client_secret'", "all or none of these fields must be set"),
+    ("cc-redis-without-secret", "oauth2-client-credentials",
+     {"store": {"redis": {"endpoints": ["redis:6379"]}}},
+     "config.store.secret: " + _COND % "config.store.redis.endpoints",
+     "config.store.secret: required field missing"),
+]
+# The same rules satisfied: Kong, check and the plugin all accept these.
+ENTITY_GOOD = [
+    ("oauth2-introspection", {"authorization_value": "Basic eDp5"}),
+    ("oauth2-introspection", dict(_BASIC)),
+    ("oauth2-introspection", {"introspection_endpoint_auth_method": "client_secret_jwt",
+                              "client_id": "kong", "client_secret": "s", "client_alg": "HS384"}),
+    ("oauth2-introspection", dict(_BASIC, pre_authorization={"token_url": "https://idp/t"})),
+    ("oauth2-introspection", {"authorization_value": "Basic eDp5", "introspection_accept": _JWT,
+                              "issuer": "https://idp.test", "client_id": "rs",
+                              "upstream_introspection_jwt_header": "X-Intro-JWT"}),
+    ("oauth2-client-credentials", {"client_id": "gw", "client_secret": "s"}),
+    ("oauth2-client-credentials", {"store": {"redis": {"endpoints": []}}}),
+    ("oauth2-client-credentials", {"store": {"redis": {"endpoints": ["redis:6379"]},
+                                             "secret": "0123456789abcdef"}}),
+]
+
+
+def _full(plugin, config):
+    return dict(_IDP if plugin == "oauth2-introspection" else _CC, **config)
+
+
+def _check_lines(tmp_path, plugin, config):
+    from kong_oauth2_introspection import check
+    from kong_oauth2_introspection.guard import post_function_entry
+    path = tmp_path / "kong.yml"
+    plugins = [{"name": plugin, "config": _full(plugin, config)}, post_function_entry({})]
+    path.write_text(json.dumps({"_format_version": "3.0", "plugins": plugins}))
+    result = subprocess.run([sys.executable, "-m", "kong_oauth2_introspection.cli", "check",
+                             str(path)], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in result.stderr, result.stderr
+    # The problems, without the summary ("...: 1 ... entry, all valid").
+    return result.returncode, [x for x in result.stdout.splitlines() if not x.startswith(str(path))]
+
+
+def test_every_entity_check_is_in_the_dumped_schema():
+    rules = {json.dumps(check, sort_keys=True)
+             for name in ("oauth2-introspection", "oauth2-client-credentials")
+             for check in schema.load(name).kong_schema()["entity_checks"]}
+    assert len(rules) == 14 and not any('"description"' in rule for rule in rules)
+
+
+@pytest.mark.parametrize("case, plugin, config, line, refusal", ENTITY_CASES,
+                         ids=[c[0] for c in ENTITY_CASES])
+def test_kong_refuses_what_the_plugin_cannot_run(kong, case, plugin, config, line, refusal):
+    from kong import SchemaViolation
+    with pytest.raises(SchemaViolation) as refused:
+        kong.configure(_full(plugin, config), name=plugin)
+    assert refused.value.path == "@entity" and refusal in refused.value.message
+
+
+@pytest.mark.parametrize("case, plugin, config, line, refusal", ENTITY_CASES,
+                         ids=[c[0] for c in ENTITY_CASES])
+def test_check_refuses_the_same(tmp_path, case, plugin, config, line, refusal):
+    code, lines = _check_lines(tmp_path, plugin, config)
+    assert code == 1 and "plugins[0]." + line in lines, lines
+    assert "eDp5" not in "\n".join(lines) and "s3cret" not in "\n".join(lines)
+
+
+@pytest.mark.parametrize("plugin, config", ENTITY_GOOD)
+def test_the_rules_satisfied_pass_kong_check_and_the_plugin(kong, tmp_path, plugin, config):
+    inst = kong.configure(_full(plugin, config), name=plugin)
+    assert inst.plugin_id
+    assert _check_lines(tmp_path, plugin, config) == (0, [])
+
+
+@pytest.mark.parametrize("plugin, config, field", [
+    ("oauth2-introspection", dict(_BASIC, authorization_value="{vault://env/intro-auth}"),
+     "config.authorization_value"),
+    ("oauth2-client-credentials", {"client_id": "{vault://env/cc-id}"}, "config.client_id"),
+    ("oauth2-client-credentials", {"store": {"redis": {"endpoints": ["redis:6379"]},
+                                             "secret": "{vault://env/k}"}}, None),
+])
+def test_a_vault_reference_makes_kong_skip_the_check_but_not_check(kong, tmp_path, plugin,
+                                                                   config, field):
+    # run_entity_check: "Don't run if any of the values is a reference in a
+    # referenceable field". Kong accepts; the plugin could not run it, so check says so.
+    assert kong.configure(_full(plugin, config), name=plugin).plugin_id
+    code, lines = _check_lines(tmp_path, plugin, config)
+    if field is None:   # a reference that satisfies the rule: nothing to say
+        assert (code, lines) == (0, [])
+    else:
+        assert code == 1 and len(lines) == 1 and lines[0].startswith("plugins[0]." + field)
+        assert lines[0].endswith(schema.KONG_SKIPS) and "vault://" not in lines[0]
+
+
+def test_the_plugin_answers_unusable_config_with_the_schema_rule():
+    # The runtime parses with the same schema data: no second copy of these rules.
+    from kong_oauth2_introspection.client_credentials.config import (Config as CCConfig,
+                                                                     ConfigError as CCError)
+    with pytest.raises(ConfigError) as err:
+        Config.parse(dict(_IDP, authorization_value="Basic eDp5", introspection_accept=_JWT,
+                          client_id="rs"))
+    assert err.value.field == "config.issuer"
+    with pytest.raises(CCError, match=r"config.store.secret: required field missing"):
+        CCConfig.parse(dict(_CC, store={"redis": {"endpoints": ["redis:6379"]}}))

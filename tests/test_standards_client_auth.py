@@ -133,7 +133,8 @@ def test_tls_client_auth(kong, tmp_path):
       "client_jwk": PRIVATE_JWK, "client_alg": "HS256"}, "client_alg"),
     ({"introspection_endpoint_auth_method": "private_key_jwt", "client_id": "a",
       "client_jwk": "{\"kty\": \"EC\"}"}, "client_jwk"),
-    ({"introspection_endpoint_auth_method": "tls_client_auth", "client_id": "a"}, "client_tls"),
+    ({"introspection_endpoint_auth_method": "tls_client_auth", "client_id": "a"},
+     "client_tls.cert"),
 ])
 def test_unusable_client_authentication_is_refused_by_check(bad, field):
     from kong_oauth2_introspection.config import Config, ConfigError
@@ -144,6 +145,9 @@ def test_unusable_client_authentication_is_refused_by_check(bad, field):
 
 
 def test_vault_references_pass_the_offline_check(tmp_path):
+    import json
+
+    from kong_oauth2_introspection.guard import render_for
     import subprocess
     import sys
     path = tmp_path / "kong.yml"
@@ -153,7 +157,9 @@ def test_vault_references_pass_the_offline_check(tmp_path):
         "      introspection_url: https://idp.test/introspect\n"
         "      introspection_endpoint_auth_method: private_key_jwt\n"
         "      client_id: kong\n"
-        '      client_jwk: "{vault://env/kong-jwk}"\n')
+        '      client_jwk: "{vault://env/kong-jwk}"\n'
+        "  - name: post-function\n    config:\n      access:\n"
+        "        - %s\n" % json.dumps(render_for({})))
     run = subprocess.run([sys.executable, "-m", "kong_oauth2_introspection.cli", "check",
                           str(path)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -178,8 +178,9 @@ def test_discovered_jwks(kong, idp):
 @pytest.mark.parametrize("bad, field", [
     ({"issuer": None}, "issuer"),
     ({"client_id": None}, "client_id"),
+    # The schema's entity check marks the field whose value does not fit.
     ({"introspection_accept": "application/json", "upstream_introspection_jwt_header": "X-J"},
-     "upstream_introspection_jwt_header"),
+     "introspection_accept"),
 ])
 def test_incomplete_signed_answer_settings_are_refused(bad, field):
     from kong_oauth2_introspection.config import Config, ConfigError

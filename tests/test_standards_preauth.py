@@ -122,4 +122,6 @@ def test_pre_authorization_needs_a_client_authentication_method():
     with pytest.raises(ConfigError) as err:
         Config.parse({"introspection_url": "http://idp/i", "authorization_value": "Basic x",
                       "pre_authorization": {"token_url": "http://idp/token"}})
-    assert err.value.field == "config.pre_authorization"
+    # The schema's entity check: token_url set, so the method is required.
+    assert err.value.field == "config.introspection_endpoint_auth_method"
+    assert "config.pre_authorization.token_url" in err.value.message

@@ -28,6 +28,7 @@ import yaml
 from . import NAME
 
 POST_FUNCTION = "post-function"
+CLIENT_CREDENTIALS = "oauth2-client-credentials"
 # The field of the credential our handlers authenticate with that the guard reads.
 MARK = "authenticated_by"
 _PREFLIGHT = "local run_on_preflight = true\n"
@@ -108,21 +109,30 @@ def problems(doc: Any) -> List[str]:
     if not isinstance(doc, dict):
         return []
     found = []
-    parents: Dict[int, Dict[str, Any]] = {}
+    # scope -> (the oauth2-introspection config that applies there or {}, our plugins there)
+    parents: Dict[int, Tuple[Dict[str, Any], Tuple[str, ...]]] = {}
     for path, scope, parent in _scopes(doc):
         ours = _plugins(scope, NAME)
+        # The client-credentials plugin marks its credential too: a request it never
+        # saw (its server down) would reach the upstream with the client's own
+        # Authorization header. Its guard has the default settings.
+        others = _plugins(scope, CLIENT_CREDENTIALS)
         inherited = parents.get(id(parent)) if parent is not None else None
-        config = ours[0].get("config") if ours else inherited
-        if ours or inherited is not None:
-            parents[id(scope)] = config or {}
-        else:
+        if not (ours or others or inherited):
             continue
+        config = (ours[0].get("config") or {}) if ours else (inherited[0] if inherited else {})
+        names = tuple(sorted(set(inherited[1] if inherited else ())
+                             | ({NAME} if ours else set())
+                             | ({CLIENT_CREDENTIALS} if others else set())))
+        parents[id(scope)] = (config, names)
         guard = render_for(config)
         functions = _plugins(scope, POST_FUNCTION)
-        if not functions and not ours:
+        if not functions and not (ours or others):
             continue  # the guard of the less specific scope runs here
         if not any(guard in ((p.get("config") or {}).get("access") or []) for p in functions):
-            found.append(f"{path}plugins: {NAME} applies here without the post-function guard "
+            found.append(f"{path}plugins: {' and '.join(names)} "
+                         f"appl{'ies' if len(names) == 1 else 'y'} here without the "
+                         "post-function guard "
                          f"(run_on_preflight={_lua_bool(run_on_preflight_of(config))}, "
                          f"anonymous {'set' if logical_or_of(config) else 'unset'})")
     return found

@@ -24,6 +24,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
+from . import entity_checks as checks_engine
 from . import luapattern
 
 Spec = Dict[str, Any]
@@ -40,6 +41,9 @@ HTTP_PROTOCOLS = ["grpc", "grpcs", "http", "https"]
 class Violation(NamedTuple):
     path: str
     message: str
+    # Kong itself lets this through: an entity check it does not run because one
+    # of the fields it covers holds a vault reference (the plugin still refuses it).
+    kong_skips: bool = False
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}"
@@ -132,6 +136,11 @@ class PluginSchema:
             f": {no_consumer}" if isinstance(no_consumer, str) else "")
         for path, spec in _walk(self.fields, "config"):
             _compile_patterns(path, spec)
+        # Cross-field rules on the plugin entity, with Kong's paths (config.x).
+        self.entity_checks: List[Dict[str, Any]] = doc.get("entity_checks", [])
+        self._entity_spec: Spec = {"type": "record", "fields": [
+            {"config": {"type": "record", "fields": self.fields}}]}
+        _check_entity_checks("plugin", self._entity_spec, self.entity_checks)
 
     # -- what Kong reads ------------------------------------------------------
 
@@ -160,31 +169,50 @@ class PluginSchema:
         """The ``Schema`` object of the query command's answer: Kong validates it with
         its MetaSubSchema (only ``name`` and ``fields`` here) and mounts it as the
         plugins entity's subschema ``name``."""
-        return {"name": self.name,
-                "fields": self.entity_fields()
-                + [{"config": {"type": "record", "fields": self.kong_fields()}}]}
+        schema: Dict[str, Any] = {
+            "name": self.name,
+            "fields": self.entity_fields()
+            + [{"config": {"type": "record", "fields": self.kong_fields()}}]}
+        if self.entity_checks:
+            # Kong runs them on the plugin entity (process.lua takes the Schema
+            # verbatim), hence the config. prefix of their field names.
+            schema["entity_checks"] = checks_engine.strip_docs(self.entity_checks)
+        return schema
 
     # -- Kong's rules, applied here ---------------------------------------------
 
-    def validate(self, config: Any, path: str = "config",
-                 strict: bool = True) -> Tuple[Dict[str, Any], List[Violation]]:
+    def validate(self, config: Any, path: str = "config", strict: bool = True,
+                 kong: bool = False) -> Tuple[Dict[str, Any], List[Violation]]:
         """Check ``config`` the way Kong does and fill in defaults.
 
         Returns the normalized config (every field present, ``None`` where
-        unset) and every violation (empty when Kong would accept it).
+        unset) and every violation (empty when Kong would accept it), the
+        plugin entity's entity checks included.
 
         ``strict`` reports keys the schema does not declare: right for a user's
         file (typos), wrong for what Kong sends, which adds ``route_id``,
         ``service_id``, ``consumer_id``, ``plugin_instance_name`` and ``__*`` keys.
+        ``kong`` leaves out what Kong itself lets through (an entity check
+        covering a vault reference); by default those are reported too, since
+        the plugin cannot run such a config either.
         """
         errors: List[Violation] = []
         if isinstance(config, list) and not config:
             config = {}  # an empty Lua table
         if not isinstance(config, dict):
             return {}, [Violation(path, "expected a record")]
-        return _record(self.fields, config, path, errors, strict), errors
+        out = _record(self.fields, config, path, errors, strict)
+        for failure in checks_engine.evaluate(
+                self.entity_checks, {"config": out}, self._spec_of, _matches, is_reference):
+            errors.append(_violation(failure, ""))
+        if kong:
+            errors = [e for e in errors if not e.kong_skips]
+        return out, errors
 
-    def validate_plugin(self, entry: Any) -> List[Violation]:
+    def _spec_of(self, name: str) -> Spec:
+        return _spec_at(self._entity_spec, name)
+
+    def validate_plugin(self, entry: Any, kong: bool = False) -> List[Violation]:
         """Check a whole plugin entity (a ``plugins:`` item of a declarative
         config): ``config`` and the top-level fields this schema restricts, as
         Kong would, with Kong's paths (``consumer``, ``protocols.1``, ``config.ttl``)."""
@@ -203,7 +231,8 @@ class PluginSchema:
             # null is what no_consumer asks for; an absent set gets its default.
             if entry.get(name) is not None:
                 _field(spec, entry[name], name, errors, True)
-        _, config_errors = self.validate({} if entry.get("config") is None else entry["config"])
+        _, config_errors = self.validate({} if entry.get("config") is None else entry["config"],
+                                         kong=kong)
         return errors + config_errors
 
     def from_kong(self, config: Any) -> Dict[str, Any]:
@@ -260,14 +289,43 @@ def _walk(fields: List[Dict[str, Spec]], prefix: str) -> Iterator[Tuple[str, Spe
             yield from _walk(spec["fields"], path)
 
 
+def _spec_at(record: Spec, name: str) -> Spec:
+    """The definition of field ``name`` (dotted: ``config.store.secret``) in a record."""
+    spec = record
+    for part in name.split("."):
+        found = [entry[part] for entry in spec.get("fields", []) if part in entry]
+        if not found:
+            raise KeyError(name)
+        spec = found[0]
+    return spec
+
+
+_CONDITION_KEYS = {"if_field", "if_match", "then_field", "then_match", "then_err"}
+
+
+def _check_entity_checks(path: str, record: Spec, checks: Sequence[Dict[str, Any]]) -> None:
+    """Refuse, when the schema loads, an entity check this module cannot judge as
+    Kong would, or one naming a field the record does not have."""
+    for check in checks:
+        try:
+            rule, arg = checks_engine.rule_of(check)
+            if rule not in checks_engine.SUPPORTED:
+                raise KeyError(rule)
+            if rule == "conditional" and not (
+                    {"if_field", "if_match", "then_field", "then_match"} <= set(arg)
+                    and set(arg) <= _CONDITION_KEYS):
+                raise KeyError("conditional")
+            for name in checks_engine.field_names(rule, arg):
+                _spec_at(record, name)
+        except (KeyError, ValueError, TypeError):
+            raise ValueError(f"schema field {path}: entity check {check!r} "
+                             "is not supported") from None
+
+
 def _compile_patterns(path: str, spec: Spec) -> None:
     """Refuse, when the schema loads, a pattern or entity check this module cannot
     judge as Kong would."""
-    names = {name for entry in spec.get("fields", []) for name in entry}
-    for check in spec.get("entity_checks", []):
-        (rule, fields), = check.items()
-        if rule not in _ENTITY_CHECKS or not set(fields) <= names:
-            raise ValueError(f"schema field {path}: entity check {check!r} is not supported")
+    _check_entity_checks(path, spec, spec.get("entity_checks", []))
     for part in (spec, spec.get("elements"), spec.get("keys"), spec.get("values")):
         if not part:
             continue
@@ -292,6 +350,8 @@ def _strip_spec(spec: Spec) -> Spec:
             out[part] = _strip_spec(out[part])
     if "fields" in out:
         out["fields"] = _strip_docs(out["fields"])
+    if "entity_checks" in out:
+        out["entity_checks"] = checks_engine.strip_docs(out["entity_checks"])
     return out
 
 
@@ -406,45 +466,52 @@ def _record(fields: List[Dict[str, Spec]], config: Dict[str, Any], path: str,
         for name in config:
             if name not in known:
                 errors.append(Violation(f"{path}.{name}" if path else str(name), "unknown field"))
-    specs = {name: spec for entry in fields for name, spec in entry.items()}
-    for check in checks:
-        (rule, names), = check.items()
-        invalid = {e.path for e in errors[first_error:]}
-        problem = _entity_check(rule, names, out, specs,
-                                any(f"{path}.{n}" in invalid for n in names))
-        if problem:
-            errors.append(Violation(path, problem))
+    if checks:
+        record: Spec = {"type": "record", "fields": fields}
+        failed = {e.path for e in errors[first_error:]}
+        prefix = f"{path}." if path else ""
+
+        def invalid(name: str) -> bool:
+            where = prefix + name
+            return any(p == where or p.startswith(where + ".") for p in failed)
+        for failure in checks_engine.evaluate(checks, out, lambda n: _spec_at(record, n),
+                                              _matches, is_reference, invalid):
+            errors.append(_violation(failure, path))
     return out
 
 
-# Kong's entity checkers this module applies (kong/db/schema/init.lua,
-# Schema.entity_checkers): message, test on the non-empty fields, and whether the
-# check still runs when one of its fields is invalid (run_with_invalid_fields).
-_ENTITY_CHECKS: Dict[str, Tuple[str, Callable[[int, int], bool], bool]] = {
-    "at_least_one_of": ("at least one of these fields must be non-empty: {}",
-                        lambda filled, total: filled >= 1, True),
-    "only_one_of": ("exactly one of these fields must be non-empty: {}",
-                    lambda filled, total: filled == 1, True),
-    "mutually_required": ("all or none of these fields must be set: {}",
-                          lambda filled, total: filled in (0, total), False),
-    "mutually_exclusive": ("only one or none of these fields must be set: {}",
-                           lambda filled, total: filled <= 1, False),
-}
+# What check and the plugin add to Kong's message when Kong itself would not run
+# the check (a covered field holds a vault reference).
+KONG_SKIPS = " (Kong lets this through: it skips the check for a vault reference)"
 
 
-def _entity_check(rule: str, names: List[str], record: Dict[str, Any],
-                  specs: Dict[str, Spec], invalid: bool) -> Optional[str]:
-    message, test, with_invalid = _ENTITY_CHECKS[rule]
-    if invalid and not with_invalid:
-        return None
-    values = [record.get(name) for name in names]
-    # Kong skips a check when one of its fields holds a vault reference.
-    if any(specs[n].get("referenceable") and is_reference(v) for n, v in zip(names, values)):
-        return None
-    filled = sum(1 for v in values if v not in (None, "", [], {}))
-    if test(filled, len(names)):
-        return None
-    return message.format(", ".join(f"'{name}'" for name in names))
+def _violation(failure: checks_engine.Failure, path: str) -> Violation:
+    """One line for a failed entity check: at the field Kong marks (conditional),
+    else at the record the check sits on (the first field named, for the plugin
+    entity itself)."""
+    prefix = f"{path}." if path else ""
+    if failure.field is not None:
+        where = prefix + failure.field
+        message = f"{failure.field_error} ({failure.entity_error})"
+    else:
+        where = path or failure.names[0]
+        message = failure.entity_error
+    if failure.kong_skips:
+        message += KONG_SKIPS
+    return Violation(where, message, failure.kong_skips)
+
+
+def _matches(spec: Spec, value: Any) -> Optional[str]:
+    """Kong's validate_field of one value (None: null or absent): its error or None."""
+    if value is None:
+        if "ne" in spec and spec["ne"] is None:
+            return "value must not be null"
+        if spec.get("eq") is not None:
+            return f"value must be {_num(spec['eq'])}"
+        return "required field missing" if spec.get("required") else None
+    found: List[Violation] = []
+    _field(spec, value, "", found, False)
+    return found[0].message if found else None
 
 
 def _type_text(spec: Spec) -> str:
@@ -479,9 +546,9 @@ def kong_fields() -> List[Dict[str, Spec]]:
     return INTROSPECTION.kong_fields()
 
 
-def validate(config: Any, path: str = "config",
-             strict: bool = True) -> Tuple[Dict[str, Any], List[Violation]]:
-    return INTROSPECTION.validate(config, path, strict)
+def validate(config: Any, path: str = "config", strict: bool = True,
+             kong: bool = False) -> Tuple[Dict[str, Any], List[Violation]]:
+    return INTROSPECTION.validate(config, path, strict, kong)
 
 
 def from_kong(config: Any) -> Dict[str, Any]:

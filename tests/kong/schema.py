@@ -105,7 +105,10 @@ def _validate(path: str, fdef: Dict[str, Any], value: Any) -> Any:
             raise SchemaViolation(path, "value must be greater than %s" % fdef["gt"])
         return value
     if t == "string":
-        _validate_string(path, fdef, value)
+        # validate_field: a vault reference in a referenceable field skips every
+        # validator (Kong resolves it later).
+        if not (fdef.get("referenceable") and _is_reference(value)):
+            _validate_string(path, fdef, value)
         return value
     if t in ("array", "set"):
         seq = value if isinstance(value, list) else []
@@ -129,8 +132,98 @@ def _validate(path: str, fdef: Dict[str, Any], value: Any) -> Any:
                 m[k] = _validate("%s.%s" % (path, k), fdef["values"], v)
         return {k: v for k, v in m.items() if v is not None}
     if t == "record":
-        return fill_record(path, fdef.get("fields", []), value if isinstance(value, dict) else {})
+        filled = fill_record(path, fdef.get("fields", []), value if isinstance(value, dict) else {})
+        run_entity_checks(fdef, filled, path)
+        return filled
     return value
+
+
+# --- entity checks: kong/db/schema/init.lua, Schema.entity_checkers and run_entity_check
+
+_ENTITY_ERRORS = {
+    "at_least_one_of": "at least one of these fields must be non-empty: %s",
+    "only_one_of": "exactly one of these fields must be non-empty: %s",
+    "mutually_required": "all or none of these fields must be set: %s",
+    "mutually_exclusive": "only one or none of these fields must be set: %s",
+}
+
+
+def _get_field(tbl: Any, name: str) -> Any:
+    for part in name.split("."):
+        if not isinstance(tbl, dict):
+            return None
+        tbl = tbl.get(part)
+    return tbl
+
+
+def _schema_field(record: Dict[str, Any], name: str) -> Dict[str, Any]:
+    fdef = record
+    for part in name.split("."):
+        fdef = dict(_field_items(fdef.get("fields")))[part]
+    return fdef
+
+
+def _nonempty(value: Any) -> bool:
+    return not (value is None or value == "" or (isinstance(value, (dict, list)) and not value))
+
+
+def _is_reference(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("{vault://") and value.endswith("}")
+
+
+def _passes(fdef: Dict[str, Any], value: Any) -> Optional[str]:
+    """Schema:validate_field with a null-able value: the error, or None."""
+    if value is None:
+        if "eq" in fdef and fdef["eq"] is not None:
+            return "value must be %s" % fdef["eq"]
+        return "required field missing" if fdef.get("required") else None
+    try:
+        _validate("", fdef, value)
+    except SchemaViolation as err:
+        return err.message
+    return None
+
+
+def run_entity_checks(record: Dict[str, Any], entity: Dict[str, Any], path: str = "") -> None:
+    """The ``entity_checks`` of a record (or of the plugin entity: names like
+    ``config.x``) on its filled value; the first failure raises. Like Kong, a
+    check is not run when one of its fields holds a vault reference in a
+    referenceable string field."""
+    for check in record.get("entity_checks") or []:
+        (rule, arg), = check.items()
+        if rule == "conditional":
+            names = [arg["if_field"], arg["then_field"]]
+        else:
+            names = list(arg)
+        if any(_is_reference(_get_field(entity, n))
+               and _schema_field(record, n).get("referenceable") for n in names):
+            continue
+        where = path or "@entity"
+        if rule == "conditional":
+            if_def = dict(_schema_field(record, arg["if_field"]), **arg["if_match"])
+            if _passes(if_def, _get_field(entity, arg["if_field"])) is not None:
+                continue
+            then_value = _get_field(entity, arg["then_field"])
+            entity_err = "failed conditional validation given value of field '%s'" % arg["if_field"]
+            if arg["then_match"].get("required") and then_value is None:
+                raise SchemaViolation(where, "%s (%s: required field missing)"
+                                      % (entity_err, arg["then_field"]))
+            then_def = dict(_schema_field(record, arg["then_field"]), **arg["then_match"])
+            err = _passes(then_def, then_value)
+            if err is not None:
+                if arg.get("then_err"):
+                    entity_err = arg["then_err"].replace("%s", arg["if_field"])
+                raise SchemaViolation(where, "%s (%s: %s)" % (entity_err, arg["then_field"], err))
+            continue
+        if rule not in _ENTITY_ERRORS:
+            raise SchemaViolation(where, "the stand-in has no entity checker %r" % rule)
+        filled = sum(1 for n in names if _nonempty(_get_field(entity, n)))
+        ok = {"at_least_one_of": filled >= 1, "only_one_of": filled == 1,
+              "mutually_required": filled in (0, len(names)),
+              "mutually_exclusive": filled <= 1}[rule]
+        if not ok:
+            listed = ", ".join("'%s'" % n for n in names)
+            raise SchemaViolation(where, _ENTITY_ERRORS[rule] % listed)
 
 
 def fill_record(path: str, fields: List[Dict[str, Any]], given: Dict[str, Any]) -> Dict[str, Any]:
@@ -165,9 +258,17 @@ class PluginSchema(object):
         self.phases: List[str] = list(info.get("Phases", []))
         self.top: Dict[str, Dict[str, Any]] = dict(_field_items(info["Schema"].get("fields", [])))
         self.config_fields: List[Dict[str, Any]] = self.top.get("config", {}).get("fields", [])
+        # The plugin entity as a record: its fields and its top-level entity checks,
+        # which Kong takes verbatim from the query command (process.lua).
+        self.entity: Dict[str, Any] = {"fields": info["Schema"].get("fields", []),
+                                       "entity_checks": info["Schema"].get("entity_checks", [])}
 
     def fill(self, config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-        return fill_record("config", self.config_fields, copy.deepcopy(dict(config or {})))
+        """The config as Kong stores it, or SchemaViolation where Kong's Admin API
+        (or ``POST /config``) would refuse it, the entity checks included."""
+        filled = fill_record("config", self.config_fields, copy.deepcopy(dict(config or {})))
+        run_entity_checks(self.entity, {"config": filled})
+        return filled
 
     def check_entity(self, route: Optional[str], service: Optional[str],
                      consumer: Optional[str], protocols: Optional[List[str]]) -> None:
