@@ -87,6 +87,11 @@ IN_FLIGHT = Gauge(PREFIX + "events_in_flight", "Kong events being handled now",
                   registry=REGISTRY)
 INSTANCES = Gauge(PREFIX + "plugin_instances", "Plugin instances Kong started",
                   registry=REGISTRY)
+REPLAY_FULL = Counter(PREFIX + "replay_store_full", "Proofs refused because the in-process "
+                      "replay store was full (it never evicts an unexpired proof)",
+                      registry=REGISTRY)
+REPLAY_SIZE = Gauge(PREFIX + "replay_store_entries", "Unexpired proofs the in-process replay "
+                    "store remembers", registry=REGISTRY)
 
 
 class _BreakerCollector:
@@ -146,6 +151,16 @@ def refusal_reason(refusal: Any) -> str:
     if status == 401:
         return "invalid_token" if error == "invalid_token" else "missing_token"
     return "internal"
+
+
+def replay_store_full() -> None:
+    if ENABLED:
+        REPLAY_FULL.inc()
+
+
+def replay_store_size(read: Callable[[], int]) -> None:
+    """The replay store's size, read at scrape time (the store exists before ``enable``)."""
+    REPLAY_SIZE.set_function(read)
 
 
 def cache(result: str) -> None:
