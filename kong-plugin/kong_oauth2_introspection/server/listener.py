@@ -482,8 +482,35 @@ def new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def raise_nofile(log: Log) -> int:
+    """Raise the soft open-files limit to the hard one: every Kong worker's connection
+    is a descriptor, and the metrics port keeps to a fixed few (loopback_http.py), so
+    the rest is the plugin socket's. Returns the soft limit now in force."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # Linux refuses an infinite soft nofile: under an infinite hard one take the kernel's cap
+        target = _nr_open(soft) if hard == resource.RLIM_INFINITY else hard
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        return int(soft)
+    except (ImportError, ValueError, OSError) as err:
+        log.warn("cannot raise the open-files limit (%s)" % err)
+        return -1
+
+
+def _nr_open(default: int) -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return default
+
+
 def serve(socket_path: str, server: PluginServer, *, backlog: int = 4096) -> None:
     """Serve until SIGTERM/SIGINT or until Kong (our parent) is gone."""
+    nofile = raise_nofile(server.log)
     loop = new_loop()
     asyncio.set_event_loop(loop)
     server.loop = loop
@@ -505,9 +532,9 @@ def serve(socket_path: str, server: PluginServer, *, backlog: int = 4096) -> Non
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, loop.stop)
     loop.call_later(SWEEP_INTERVAL, housekeeping)
-    server.log.info("serving %s on %s (deadline %g s, %d worker threads)"
+    server.log.info("serving %s on %s (deadline %g s, %d worker threads, %d open files)"
                     % (", ".join(server.plugins), socket_path, server.deadline,
-                       server.pool._max_workers))
+                       server.pool._max_workers, nofile))
     try:
         loop.run_forever()
     finally:
