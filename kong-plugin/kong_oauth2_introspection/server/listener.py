@@ -508,17 +508,65 @@ def _nr_open(default: int) -> int:
         return default
 
 
+class StartError(Exception):
+    """The server cannot start; the text is one line for the operator, naming the path."""
+
+
+# sun_path is 108 bytes on Linux (104 on the BSDs and macOS), its last one a NUL.
+MAX_SOCKET_PATH = 107
+
+
+def _take_socket_path(socket_path: str) -> None:
+    """Make room for our socket, refusing to take it from a server that is answering
+    on it (a second ``serve`` on the same prefix would otherwise cut Kong off the first
+    one); a socket file nobody listens on is left over from a server that died."""
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        raise StartError("socket path %s is %d bytes, longer than the %d a Unix socket "
+                         "path may have: use a shorter -kong-prefix"
+                         % (socket_path, len(os.fsencode(socket_path)), MAX_SOCKET_PATH))
+    if not os.path.lexists(socket_path):
+        return
+    import socket
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(socket_path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        pass   # stale: nobody listens
+    except OSError as err:   # a full backlog, no permission: it may well be alive
+        raise StartError("cannot tell whether a server answers on %s (%s); not starting"
+                         % (socket_path, err.strerror or type(err).__name__)) from None
+    else:
+        raise StartError("another server is answering on %s; not starting (stop it, or "
+                         "give this one another -kong-prefix)" % socket_path)
+    finally:
+        probe.close()
+    try:
+        os.unlink(socket_path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise StartError("cannot remove the stale socket %s: %s" % (socket_path, err.strerror))
+
+
 def serve(socket_path: str, server: PluginServer, *, backlog: int = 4096) -> None:
-    """Serve until SIGTERM/SIGINT or until Kong (our parent) is gone."""
+    """Serve until SIGTERM/SIGINT or until Kong (our parent) is gone. Raises StartError
+    when the socket cannot be had."""
+    _take_socket_path(socket_path)
     nofile = raise_nofile(server.log)
     loop = new_loop()
     asyncio.set_event_loop(loop)
     server.loop = loop
     server.main = greenlet.getcurrent()
-    if os.path.exists(socket_path):
-        os.unlink(socket_path)
-    listener = loop.run_until_complete(loop.create_unix_server(
-        lambda: _Connection(server), path=socket_path, backlog=backlog))
+    try:
+        listener = loop.run_until_complete(loop.create_unix_server(
+            lambda: _Connection(server), path=socket_path, backlog=backlog))
+    except OSError as err:
+        loop.close()
+        hint = (" (the plugin server runs as uid %d: Kong's prefix must be writable by "
+                "that user)" % os.getuid()) if isinstance(err, PermissionError) else ""
+        raise StartError("cannot listen on %s: %s%s"
+                         % (socket_path, err.strerror or err, hint)) from None
     parent = os.getppid()
 
     def housekeeping():
