@@ -14,7 +14,7 @@ from conftest import plugin_command
 from kong import KongStandIn
 from redis_servers import ACL_PASSWORD, ACL_USER, free_port, redis_standalone  # noqa: F401
 
-from kong_oauth2_introspection import VERSION, health
+from kong_oauth2_introspection import VERSION, health, metrics
 
 STORE_SECRET = "health-secret-0123456789abcdef01"
 WRONG_AUTH = "Basic a29uZzp3cm9uZy1oZWFsdGgtcHc="   # kong:wrong-health-pw
@@ -95,11 +95,15 @@ def test_failing_idp_and_redis_make_it_unhealthy(server, auth_server):
     assert bad["healthy"] is False
     assert bad["idp"]["ok"] is False and "HTTP 401" in bad["idp"]["error"]
     assert bad["redis"]["ok"] is False and bad["redis"]["error"] == "ConnectionError"
+    # what failed is named (issue 19.8): the endpoint and the store, not only the error
+    assert bad["idp"]["endpoint"] == metrics.endpoint_label(auth_server.introspection_url)
+    assert bad["redis"]["store"] == "Redis " + dead_redis
     good = [c for c in r.json()["configs"] if c["plugin_ids"] != [inst.plugin_id]]
     assert good and all(c["healthy"] for c in good)   # the other config still answers
     out = run_health("--url", server.health_url)
     assert out.returncode == 1 and "UNHEALTHY" in out.stdout
     assert "FAILED" in out.stdout
+    assert "redis Redis %s FAILED (ConnectionError)" % dead_redis in out.stdout, out.stdout
     for secret in (WRONG_AUTH.split(" ")[1], "wrong-health-pw", ACL_PASSWORD, STORE_SECRET,
                    token):
         assert secret not in r.text and secret not in out.stdout
@@ -113,6 +117,7 @@ def test_idp_down_is_unhealthy(server):
     report = requests.get(server.health_url, timeout=20).json()
     down = [c for c in report["configs"] if c["plugin_ids"] == [inst.plugin_id]][0]
     assert down["idp"]["ok"] is False and "could not connect" in down["idp"]["error"]
+    assert down["idp"]["endpoint"].startswith("http://127.0.0.1:")
     assert down["redis"] is None
 
 

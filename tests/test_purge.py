@@ -100,6 +100,7 @@ def test_purge_by_sub_client_id_token_and_all(two, redis_disposable):
 
         out = run_purge(conf, "--sub", "alice")
         assert out.returncode == 0, out.stderr
+        assert ": 1 cached entry removed from Redis" in out.stdout, out.stdout
         assert dropped_everywhere([a, b], tokens[0]) < 1.0
         assert all(n.peek(t) for n in (a, b) for t in tokens[1:])
         assert b.get(tokens[0])["active"] and len(idp.calls) == 5   # asked again
@@ -280,3 +281,66 @@ def test_no_store_and_failure_races_on_two_plugin_servers(two_servers, redis_dis
         assert r["a"].status == 500 and r["b"].status == 500   # the same answer A got
         assert r["b"].kong_error is None and r["b_s"] < 1.0
         assert len(idp.calls) - before == 1
+
+
+# -- issue 19.5: index sets hold the live entries only ------------------------------
+
+def test_index_sets_shrink_as_their_entries_expire(redis_disposable):
+    """Ten tokens of one client a round, each cached for 1 s (ttl scaled down from
+    minutes): after six rounds the client's index holds the last round's ten, not
+    sixty, lives no longer than they do, and a purge by client_id touches those ten."""
+    raw = redis_disposable.client()
+    with idp_by_token() as idp:
+        conf = dict(plugin(idp, standalone_store(redis_disposable, prefix="ix:")), ttl=1)
+        node = CacheNode(conf)
+        try:
+            node.wait_subscribed()
+            sizes = []
+            for round_ in range(6):
+                for n in range(10):
+                    assert node.get("tok-ivy-app9-%d%d" % (round_, n))["active"]
+                (index,) = [k for k in raw.keys("ix:oauth2-introspection:idx:client_id:*")]
+                sizes.append(raw.zcard(index))
+                assert raw.pttl(index) <= 1000
+                time.sleep(1.1)
+            assert sizes == [10] * 6, sizes
+            for n in range(10):   # one more round, live when purged
+                assert node.get("tok-ivy-app9-9%d" % n)["active"]
+            entries = [k for k in raw.keys("ix:*") if b"oauth2-introspection" not in k]
+            assert len(entries) == 10
+            # in this process: the command's own start would outlast the 1 s entries
+            from kong_oauth2_introspection.log import Log
+            from kong_oauth2_introspection.purge import purge
+            from kong_oauth2_introspection.store import RedisStore
+            store = RedisStore.from_config(conf["store"], Log())
+            try:
+                message, removed = purge(store, None, client_id="app9")
+            finally:
+                store.close()
+            assert removed == 10 and len(message["keys"]) == 10
+            # left: the sub index, whose members now point at nothing and expire with it
+            assert [k for k in raw.keys("ix:*") if b":idx:sub:" not in k] == []
+            # purging what is not cached says so: 0 is an answer
+            out = run_purge(conf, "--client-id", "app9")
+            assert out.returncode == 0 and "0 cached entries removed" in out.stdout, out.stdout
+            out = run_purge(conf, "--token-stdin", stdin="tok-never-cached-1\n")
+            assert out.returncode == 0 and "0 cached entries removed" in out.stdout, out.stdout
+        finally:
+            node.stop()
+
+
+def test_an_index_left_by_an_older_version_is_converted(redis_disposable):
+    from kong_oauth2_introspection.store import INDEX, RedisStore
+    from kong_oauth2_introspection.log import Log
+    store = RedisStore.from_config(standalone_store(redis_disposable, prefix="ox:"), Log())
+    raw = redis_disposable.client()
+    try:
+        name = "ox:" + INDEX + "sub:" + store.tag("sub", "olga")
+        raw.sadd(name, "old-key")
+        raw.pexpire(name, 60000)
+        store.index("new-key", [("sub", "olga")], 30)
+        assert raw.type(name) == b"zset" and raw.zcard(name) == 2
+        assert 29000 < raw.pttl(name) <= 60000
+        assert store.purge_tag("sub", "olga")[1] == ["new-key", "old-key"]
+    finally:
+        store.close()

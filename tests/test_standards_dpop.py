@@ -5,6 +5,7 @@ of that key, each proof once across two plugin servers sharing a real Redis."""
 
 import base64
 import hashlib
+import re
 import json
 import time
 import uuid
@@ -211,3 +212,81 @@ def test_a_client_clock_a_little_ahead_is_tolerated(kong, idp):
     r = kong.request(inst, "GET", "/orders",
                      headers=holder.headers(token, iat=int(time.time()) + 30))
     assert r.status == 200, r.logs
+
+
+# -- issue 19.2: the in-process replay store never forgets an unexpired proof ----------
+
+CAPACITY = 40   # the store's capacity, scaled down through its setting
+
+
+@pytest.fixture
+def small_store():
+    """A plugin server whose in-process replay store holds CAPACITY proofs."""
+    from kong_oauth2_introspection.dpop import CAPACITY_ENV
+    from test_metrics import metrics_url
+    with KongStandIn(plugin_command() + ["serve", "--metrics-port", "0"],
+                     env={CAPACITY_ENV: str(CAPACITY)}) as standin:
+        standin.base = metrics_url(standin)
+        yield standin
+
+
+def _replay_metrics(standin):
+    import requests
+    text = requests.get(standin.base + "/metrics", timeout=5).text
+    found = dict(re.findall(r"^kong_oauth2_introspection_(replay_store_\w+) (\S+)$", text, re.M))
+    return float(found["replay_store_full_total"]), float(found["replay_store_entries"])
+
+
+def test_a_flood_of_fresh_proofs_does_not_evict_a_captured_one(small_store, idp):
+    """The attack: the victim's proof is captured; the attacker, with a bound token of
+    his own, sends more fresh proofs than the store holds, then replays the capture."""
+    kong = small_store
+    victim, attacker = DPoPClient(), DPoPClient()
+    victim_token, attacker_token = victim.bound_token(idp), attacker.bound_token(idp)
+    inst = kong.configure(conf(idp))
+    captured = victim.headers(victim_token)
+    assert kong.request(inst, "GET", "/orders", headers=captured).status == 200
+    statuses = [kong.request(inst, "GET", "/orders",
+                             headers=attacker.headers(attacker_token)).status
+                for _ in range(CAPACITY + 10)]
+    # CAPACITY - 1 fit beside the victim's; the rest are refused, none evicts it.
+    assert statuses == [200] * (CAPACITY - 1) + [401] * 11, statuses
+    replay = kong.request(inst, "GET", "/orders", headers=captured)
+    assert replay.status == 401 and replay.json["error"] == "invalid_dpop_proof"
+    assert not replay.proxied
+    # Full: a fresh proof is refused too (fail closed), logged once, counted.
+    fresh = kong.request(inst, "GET", "/orders", headers=victim.headers(victim_token))
+    assert fresh.status == 401 and fresh.json["error"] == "invalid_dpop_proof"
+    assert any("replay store full" in m for _, m in fresh.logs), fresh.logs
+    assert kong.server_log().count("DPoP replay store full (%d proofs)" % CAPACITY) == 1
+    refused, entries = _replay_metrics(kong)
+    assert refused == 12 and entries == CAPACITY
+
+
+def test_a_proof_is_once_per_process_whatever_the_config(kong, idp):
+    """A config change, or another config on the same URL, does not forget a proof."""
+    holder = DPoPClient()
+    token = holder.bound_token(idp)
+    plugin_id = str(uuid.uuid4())
+    first = kong.configure(conf(idp), plugin_id=plugin_id)
+    headers = holder.headers(token)
+    assert kong.request(first, "GET", "/orders", headers=headers).status == 200
+    changed = kong.configure(conf(idp, hide_credentials=True, dpop_proof_lifetime=200),
+                             plugin_id=plugin_id)
+    other = kong.configure(conf(idp, mode="strict", ttl=7), route=True)
+    for inst in (changed, other):
+        r = kong.request(inst, "GET", "/orders", headers=headers)
+        assert r.status == 401 and r.json["error"] == "invalid_dpop_proof", r.logs
+        assert any("already used" in m for _, m in r.logs), r.logs
+    assert kong.request(other, "GET", "/orders", headers=holder.headers(token)).status == 200
+
+
+def test_the_replay_memory_keeps_keys_until_they_expire_and_refuses_when_full():
+    from kong_oauth2_introspection.dpop import Remembered
+    memory = Remembered(3)
+    assert [memory.add(k, 10, now=1000.0) for k in (b"a", b"b", b"a")] == [True, True, False]
+    assert memory.add(b"c", 100, now=1005.0) is True
+    assert memory.add(b"d", 10, now=1009.0) is None          # full: nothing evicted
+    assert memory.add(b"a", 10, now=1009.9) is False          # still remembered
+    assert memory.add(b"d", 10, now=1010.0) is True           # a and b expired
+    assert memory.add(b"a", 10, now=1010.0) is True and len(memory) == 3

@@ -709,8 +709,8 @@ def test_index_names_hold_no_claim_and_depend_on_the_secret(redis_standalone):
         a.index("k1", [("sub", "alice")], 60)
         names = redis_standalone.client().keys("ix:*")
         assert names and all(b"alice" not in n for n in names)
-        tag, keys = a.purge_tag("sub", "alice")
-        assert tag == a.tag("sub", "alice") and keys == ["k1"]
+        tag, keys, deleted = a.purge_tag("sub", "alice")
+        assert tag == a.tag("sub", "alice") and keys == ["k1"] and deleted == 0
         assert redis_standalone.client().keys("ix:*") == []
     finally:
         a.close()

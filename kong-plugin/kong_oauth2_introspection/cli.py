@@ -132,7 +132,7 @@ def serve(argv: List[str]) -> int:
         return _dump(args.plugin)
     from .log import LOG
     from .server.listener import (DEFAULT_DEADLINE, DEFAULT_WORKERS, MAX_DEADLINE,
-                                  PluginServer)
+                                  PluginServer, StartError)
     from .server.listener import serve as run
     if args.multiprocessing:
         _fail("-m is not supported: a process pool runs only as many events as there are "
@@ -166,6 +166,9 @@ def serve(argv: List[str]) -> int:
     try:
         run(os.path.join(args.prefix, socket_name), server,
             backlog=args.listen_queue_size)
+    except StartError as err:
+        _fail(str(err))
+        return 2
     finally:
         tracing.shutdown()
     return 0

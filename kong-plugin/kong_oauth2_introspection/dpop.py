@@ -6,32 +6,42 @@ JWT (``typ`` dpop+jwt, asymmetric ``alg``, the public ``jwk`` in its header)
 signed by that key, whose RFC 7638 thumbprint is ``jkt``, with ``htm`` the
 request's method, ``htu`` its URL (no query, no fragment), ``iat`` within
 ``dpop_proof_lifetime`` seconds, ``ath`` the token's SHA-256, and a ``jti``
-never seen before. ``ReplayStore`` remembers each accepted ``jti`` for the
-proof lifetime: in the shared Redis when there is one (``SET NX``, so once
-across the cluster; Redis unreachable refuses the proof), in process otherwise.
+never seen before for that key and URL. ``ReplayStore`` remembers each accepted
+``jti`` for the proof lifetime: in the shared Redis when there is one (``SET NX``,
+so once across the cluster; Redis unreachable refuses the proof), else in one
+memory shared by every config of the process, which never forgets an unexpired
+proof and refuses new ones while full.
 
 ``proof_of_possession_dpop`` (openid-connect's name): ``off`` ignores binding,
 ``optional`` checks bound tokens, ``strict`` also refuses tokens that are not bound.
 """
 
 import hashlib
+import heapq
 import json
+import math
+import os
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 from urllib.parse import urlsplit
 
 import jwt
-from cachetools import TTLCache
 from jwt.utils import base64url_encode
 
+from . import metrics
 from .jwks import ALGORITHMS   # what a proof may be signed with (our challenges say so too)
+from .log import LOG
 from .request import IncomingRequest
 from .tokens import Found, from_header
 
 FUTURE_SKEW = 60   # seconds a proof's iat may be ahead of our clock
 MAX_PROOF_BYTES = 8192
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# In-process replay memory (no Redis): how many unexpired proofs it holds, shared
+# by every config of the server (about 110 MB when full at the default).
+CAPACITY_ENV = "OAUTH2_INTROSPECTION_REPLAY_CAPACITY"
+DEFAULT_CAPACITY = 1_000_000
 
 
 class ProofRejected(Exception):
@@ -67,42 +77,140 @@ def _same_url(htu: Any, url: str) -> bool:
     if not isinstance(htu, str):
         return False
 
-    def norm(text: str) -> Tuple[str, str, Optional[int], str]:
-        p = urlsplit(text)
-        scheme = p.scheme.lower()
-        return scheme, (p.hostname or ""), p.port or _DEFAULT_PORTS.get(scheme), p.path or "/"
     try:
-        return norm(htu) == norm(url)
+        return _normal_url(htu) == _normal_url(url)
     except ValueError:
         return False
 
 
-class ReplayStore:
-    """Each proof ``jti`` once: in Redis across the cluster, else in this process."""
+def _normal_url(text: str) -> Tuple[str, str, Optional[int], str]:
+    p = urlsplit(text)
+    scheme = p.scheme.lower()
+    return scheme, (p.hostname or ""), p.port or _DEFAULT_PORTS.get(scheme), p.path or "/"
 
-    def __init__(self, redis: Any = None, maxsize: int = 100_000, ttl: float = 300):
-        self.redis = redis
+
+class Remembered:
+    """Keys remembered until their own expiry, never forgotten earlier: a fixed
+    capacity, and when it is reached new keys are refused rather than old ones
+    evicted (evicting one would let its proof replay).
+
+    About 110 bytes per key (a 16-byte digest in a set, plus its slot in a
+    per-second expiry bucket). Expiries are rounded up to the next second, so a
+    key is kept up to a second longer than asked, never shorter.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
         self._lock = threading.Lock()
-        self._seen: TTLCache = TTLCache(maxsize=maxsize, ttl=ttl)
+        self._keys: Set[bytes] = set()
+        self._buckets: Dict[int, List[bytes]] = {}
+        self._seconds: List[int] = []   # heap of the buckets' seconds
+        self._full = False              # logged once per episode of being full
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, key: bytes, ttl: float, now: Optional[float] = None) -> Optional[bool]:
+        """True: ``key`` is new and now remembered; False: it was there; None: full."""
+        current = time.time() if now is None else now
+        with self._lock:
+            self._expire(current)
+            if key in self._keys:
+                return False
+            if len(self._keys) >= self.capacity:
+                if not self._full:
+                    self._full = True
+                    LOG.err("DPoP replay store full (%d proofs): new proofs are refused "
+                            "until older ones expire" % self.capacity)
+                metrics.replay_store_full()
+                return None
+            self._full = False
+            second = math.ceil(current + ttl)
+            bucket = self._buckets.get(second)
+            if bucket is None:
+                bucket = self._buckets[second] = []
+                heapq.heappush(self._seconds, second)
+            bucket.append(key)
+            self._keys.add(key)
+            return True
+
+    def _expire(self, now: float) -> None:
+        seconds, keys = self._seconds, self._keys
+        while seconds and seconds[0] <= now:
+            for key in self._buckets.pop(heapq.heappop(seconds)):
+                keys.discard(key)
+
+
+def _capacity() -> int:
+    text = os.environ.get(CAPACITY_ENV, "").strip()
+    try:
+        value = int(text) if text else DEFAULT_CAPACITY
+    except ValueError:
+        value = 0
+    if value < 1:
+        LOG.err("%s=%r is not a positive integer; using %d" % (CAPACITY_ENV, text,
+                                                               DEFAULT_CAPACITY))
+        value = DEFAULT_CAPACITY
+    return value
+
+
+_PROCESS: Optional[Remembered] = None
+_PROCESS_LOCK = threading.Lock()
+
+
+def process_replays() -> Remembered:
+    """The one in-process store every config of this server shares (built on first use,
+    so a config change or a second config does not start from an empty memory)."""
+    global _PROCESS
+    with _PROCESS_LOCK:
+        if _PROCESS is None:
+            _PROCESS = Remembered(_capacity())
+            metrics.replay_store_size(lambda: len(_PROCESS or ()))
+        return _PROCESS
+
+
+class ReplayStore:
+    """Each key (a proof's, or a signed answer's ``jti``) once: in Redis across the
+    cluster when ``redis`` is given, else in this process's shared ``Remembered``
+    (``maxsize``: a private one of that capacity instead, for tests)."""
+
+    def __init__(self, redis: Any = None, maxsize: Optional[int] = None,
+                 ttl: Optional[float] = None):
+        self.redis = redis
+        self._memory = Remembered(maxsize) if maxsize is not None else None
+        del ttl   # each call passes its own lifetime; kept for callers that name it
+
+    @property
+    def memory(self) -> Remembered:
+        return self._memory if self._memory is not None else process_replays()
 
     def first_use(self, key: str, ttl: float) -> bool:
-        """True the first time ``key`` is offered; raises ProofRejected when it cannot tell."""
+        """True the first time ``key`` is offered within ``ttl`` seconds; raises
+        ProofRejected when it cannot tell (Redis unreachable, or the in-process store
+        full): a replay check that cannot remember must refuse."""
         if self.redis is not None:
             fresh = self.redis.claim_once("dpop:" + key, ttl)
             if fresh is None:
                 raise ProofRejected("replay store unavailable")
             return bool(fresh)
-        with self._lock:
-            if key in self._seen:
-                return False
-            self._seen[key] = True
-            return True
+        digest = hashlib.sha256(key.encode()).digest()[:16]
+        added = self.memory.add(digest, ttl)
+        if added is None:
+            raise ProofRejected("replay store full")
+        return added
+
+
+# The longest proof lifetime of any config this process built: a proof used on a
+# short-lived config is remembered as long as a long-lived one would accept it.
+_longest = 0.0
 
 
 class DPoPVerifier:
     def __init__(self, lifetime: float, replays: ReplayStore):
+        global _longest
         self.lifetime = lifetime
         self.replays = replays
+        _longest = max(_longest, lifetime)
 
     def verify(self, proofs: Any, token: str, jkt: str, method: str, url: str,
                now: Optional[float] = None) -> None:
@@ -146,7 +254,9 @@ class DPoPVerifier:
         jti = claims["jti"]
         if not isinstance(jti, str) or not jti or len(jti) > 256:
             raise ProofRejected("proof jti missing")
-        # Keyed by the key's thumbprint too: one client cannot burn another's jti.
-        replay_key = hashlib.sha256(("%s\0%s" % (jkt, jti)).encode()).hexdigest()
-        if not self.replays.first_use(replay_key, self.lifetime + FUTURE_SKEW):
+        # Once per key and URL (RFC 9449 11.1), whichever config checks it: keyed by
+        # the thumbprint so that one client cannot burn another's jti.
+        replay_key = hashlib.sha256(json.dumps([jkt, _normal_url(url), jti]).encode()
+                                    ).hexdigest()
+        if not self.replays.first_use(replay_key, max(self.lifetime, _longest) + FUTURE_SKEW):
             raise ProofRejected("proof jti already used")

@@ -71,12 +71,13 @@ def _configs(server: Any) -> List[Dict[str, Any]]:
     return list(seen.values())
 
 
-def _timed(check, *args: Any) -> Dict[str, Any]:
+def _timed(check, name: Dict[str, Any], *args: Any) -> Dict[str, Any]:
+    """``check(*args)``'s result, timed; ``name`` (what was probed) is kept on failure."""
     start = time.monotonic()
     try:
-        result = check(*args)
+        result = dict(name, **check(*args))
     except Exception as err:  # noqa: BLE001 - a failed probe is the answer
-        result = {"ok": False, "error": _safe_error(err)}
+        result = dict(name, ok=False, error=_safe_error(err))
     result["seconds"] = round(time.monotonic() - start, 4)
     return result
 
@@ -91,7 +92,7 @@ def _safe_error(err: Exception) -> str:
 
 def _introspection_idp(runtime: Any) -> Dict[str, Any]:
     introspector = runtime.introspector
-    result: Dict[str, Any] = {"endpoint": endpoint_label(introspector.url)}
+    result: Dict[str, Any] = {}
     breaker = getattr(getattr(runtime, "policy", None), "breaker", None)
     if breaker is not None:
         result["breaker"] = breaker.state
@@ -107,14 +108,12 @@ def _token_endpoint(runtime: Any) -> Dict[str, Any]:
         reply = runtime.server.http.request("GET", url, timeout=min(runtime.conf.timeout,
                                                                     PROBE_TIMEOUT),
                                             max_bytes=64 * 1024)
-    return {"endpoint": endpoint_label(url), "ok": True, "status": reply.status}
+    return {"ok": True, "status": reply.status}
 
 
 def _redis(store: Any) -> Dict[str, Any]:
-    result: Dict[str, Any] = {"store": store.describe}
     store._require_client().ping()
-    result["ok"] = True
-    return result
+    return {"ok": True}
 
 
 def _probes(entry: Dict[str, Any]) -> Dict[str, Any]:
@@ -126,11 +125,14 @@ def _probes(entry: Dict[str, Any]) -> Dict[str, Any]:
         out.update(healthy=False, error="unusable config: %s" % error)
         return out
     if hasattr(runtime, "introspector"):
-        out["idp"] = _timed(_introspection_idp, runtime)
+        out["idp"] = _timed(_introspection_idp,
+                            {"endpoint": endpoint_label(runtime.introspector.url)}, runtime)
     elif hasattr(runtime, "server") and hasattr(getattr(runtime, "conf", None), "url"):
-        out["idp"] = _timed(_token_endpoint, runtime)
+        out["idp"] = _timed(_token_endpoint, {"endpoint": endpoint_label(runtime.conf.url)},
+                            runtime)
     store = getattr(getattr(runtime, "cache", None), "store", None)
-    out["redis"] = _timed(_redis, store) if store is not None else None
+    out["redis"] = _timed(_redis, {"store": store.describe}, store) \
+        if store is not None else None
     out["healthy"] = all(part is None or part.get("ok") for part in
                          (out.get("idp"), out["redis"]))
     return out

@@ -18,10 +18,8 @@ fixed lists, and Redis failures are named by their exception class.
 
 import ipaddress
 import json
-import threading
 import time
 from functools import lru_cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,7 +31,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from . import VERSION, tracing
+from . import VERSION, loopback_http, tracing
 from .concurrency import DeadlineExceeded
 from .httpclient import HTTPFailure
 
@@ -87,6 +85,11 @@ IN_FLIGHT = Gauge(PREFIX + "events_in_flight", "Kong events being handled now",
                   registry=REGISTRY)
 INSTANCES = Gauge(PREFIX + "plugin_instances", "Plugin instances Kong started",
                   registry=REGISTRY)
+REPLAY_FULL = Counter(PREFIX + "replay_store_full", "Proofs refused because the in-process "
+                      "replay store was full (it never evicts an unexpired proof)",
+                      registry=REGISTRY)
+REPLAY_SIZE = Gauge(PREFIX + "replay_store_entries", "Unexpired proofs the in-process replay "
+                    "store remembers", registry=REGISTRY)
 
 
 class _BreakerCollector:
@@ -146,6 +149,16 @@ def refusal_reason(refusal: Any) -> str:
     if status == 401:
         return "invalid_token" if error == "invalid_token" else "missing_token"
     return "internal"
+
+
+def replay_store_full() -> None:
+    if ENABLED:
+        REPLAY_FULL.inc()
+
+
+def replay_store_size(read: Callable[[], int]) -> None:
+    """The replay store's size, read at scrape time (the store exists before ``enable``)."""
+    REPLAY_SIZE.set_function(read)
 
 
 def cache(result: str) -> None:
@@ -280,50 +293,28 @@ def exposition() -> bytes:
     return generate_latest(REGISTRY)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "kong-oauth2-introspection"
-    plugin_server: Any = None
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        path = self.path.split("?", 1)[0]
+def _route(plugin_server: Any) -> Callable[[str], Tuple[int, str, bytes]]:
+    def answer(path: str) -> Tuple[int, str, bytes]:
         if path == "/metrics":
-            self._send(200, CONTENT_TYPE_LATEST, exposition())
-        elif path == "/health":
+            return 200, CONTENT_TYPE_LATEST, exposition()
+        if path == "/health":
             from . import health
-            report = health.report(self.plugin_server)
-            self._send(200 if report["healthy"] else 503, "application/json",
-                       json.dumps(report, indent=1, sort_keys=True).encode())
-        else:
-            self._send(404, "text/plain; charset=utf-8", b"not found: /metrics or /health\n")
-
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass  # scrapes every few seconds would flood Kong's error log
+            report = health.report(plugin_server)
+            return (200 if report["healthy"] else 503, "application/json",
+                    json.dumps(report, indent=1, sort_keys=True).encode())
+        return 404, "text/plain; charset=utf-8", b"not found: /metrics or /health\n"
+    return answer
 
 
-class _Quiet(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a scraper that hung up: nothing for Kong's error log
-
-
-def serve_http(address: str, port: int, server: Any = None) -> Tuple[ThreadingHTTPServer, int]:
+def serve_http(address: str, port: int, server: Any = None) -> Tuple[Any, int]:
     """Serve /metrics and /health on ``address:port`` (loopback only) from a daemon
-    thread; returns the HTTP server and the port it got (``port`` 0: any free one)."""
+    thread, with fixed bounds on connections and threads (loopback_http.py); returns
+    the HTTP server and the port it got (``port`` 0: any free one)."""
     if not loopback(address):
         raise ValueError("metrics address %r is not a loopback address" % address)
-    handler = type("Handler", (_Handler,), {"plugin_server": server})
-    httpd = _Quiet((address, port), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True,
-                     name="oauth2-introspection-metrics").start()
-    return httpd, int(httpd.server_address[1])
+    httpd = loopback_http.start(address, port, _route(server), "kong-oauth2-introspection",
+                                thread_name="oauth2-introspection-metrics")
+    return httpd, httpd.port
 
 
 def snapshot() -> Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]:

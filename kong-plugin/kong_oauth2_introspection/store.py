@@ -28,10 +28,12 @@ how a fetch ended, and ``purge.py`` announces purges. Messages are JSON objects
 (version ``v`` 1); the formats are in ``cache.py`` and ``purge.py``. While the
 subscription is down listeners get ``None``: messages may have been missed.
 
-Each entry written with ``index`` is also listed in Redis sets named
+Each entry written with ``index`` is also listed in Redis sorted sets named
 ``<key_prefix>oauth2-introspection:idx:<kind>:<tag>`` (kind ``sub`` or
 ``client_id``), where ``tag`` is an HMAC of the claim under a key derived from
-``store.secret``: whoever reads Redis learns no claim.
+``store.secret``: whoever reads Redis learns no claim. Members are scored by
+their entry's expiry (Redis's clock) and trimmed on every write, so an index
+holds the live entries only.
 
 Every call spends from the request's deadline (``concurrency.current_deadline``):
 a call is only started when the time left covers its socket timeout (otherwise
@@ -85,13 +87,42 @@ end
 return redis.call('PTTL', KEYS[1])
 """
 
-# Add an entry to an index set, which lives as long as its longest-lived entry.
-_INDEX_LUA = """
-redis.call('SADD', KEYS[1], ARGV[1])
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+# Redis's clock in ms: one clock for every node that writes or purges.
+_NOW_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# An index is a sorted set of cache keys scored by when each entry expires: a
+# write drops the members that have expired, and the set lives as long as its
+# longest-lived member, so it holds what is live and no more. A set left by an
+# older version (a plain set) is converted, keeping its expiry for each member.
+_INDEX_LUA = _NOW_LUA + """
+if redis.call('TYPE', KEYS[1]).ok == 'set' then
+  local left = redis.call('PTTL', KEYS[1])
+  local members = redis.call('SMEMBERS', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  for _, m in ipairs(members) do
+    redis.call('ZADD', KEYS[1], now + math.max(left, 1), m)
+  end
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIRE', KEYS[1], math.max(1, tonumber(last[2]) - now))
 return 1
+"""
+
+# The live members of an index, which is then deleted (a purge by claim).
+_TAKE_INDEX_LUA = _NOW_LUA + """
+local members
+if redis.call('TYPE', KEYS[1]).ok == 'set' then
+  members = redis.call('SMEMBERS', KEYS[1])
+else
+  members = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+end
+redis.call('DEL', KEYS[1])
+return members
 """
 
 # Delete the lease only when it still holds our token: after it expired another
@@ -242,6 +273,7 @@ class RedisStore:
         self._tag_key = hashlib.sha256(b"oauth2-introspection/index\0" + (tag_secret or b"")).digest()
         self._lease_script: Any = None
         self._index_script: Any = None
+        self._take_index_script: Any = None
         self._listeners: List[Callable[[Optional[dict]], None]] = []
         self._listen_thread: Optional[threading.Thread] = None
         self.subscribed = False
@@ -515,30 +547,32 @@ class RedisStore:
         names = [self.key_prefix + k for k in keys]
         return sum(int(client.delete(n)) for n in names)
 
-    def purge_tag(self, kind: str, value: str) -> Tuple[str, List[str]]:
-        """Delete every entry indexed under this claim; (tag, cache keys found)."""
+    def purge_tag(self, kind: str, value: str) -> Tuple[str, List[str], int]:
+        """Delete every live entry indexed under this claim; (tag, cache keys found,
+        entries deleted). Costs what the live entries cost: the index holds no others."""
         client = self._require_client()
         tag = self.tag(kind, value)
         name = self.key_prefix + INDEX + kind + ":" + tag
         keys = sorted(m.decode() if isinstance(m, bytes) else str(m)
-                      for m in client.smembers(name))
-        self.purge_keys(keys)
-        client.delete(name)
-        return tag, keys
+                      for m in self._take_index_script(keys=[name], client=client))
+        return tag, keys, self.purge_keys(keys)
 
     def purge_all(self) -> int:
         """Delete every key this plugin wrote under the key prefix (entries, leases,
-        indexes), leaving anything else in the database alone."""
+        indexes), leaving anything else in the database alone; the entries deleted."""
         client = self._require_client()
         pattern = _glob_escape(self.key_prefix) + "*"
         ours = re.compile(re.escape(self.key_prefix)
-                          + r"(?:[0-9a-f]{64}(?:" + re.escape(LEASE_SUFFIX) + r")?|"
-                          + re.escape(INDEX) + r".*)\Z", re.S)
+                          + r"(?:[0-9a-f]{64}(" + re.escape(LEASE_SUFFIX) + r")?|"
+                          + re.escape(INDEX) + r"(.*))\Z", re.S)
         count = 0
         for name in client.scan_iter(match=pattern, count=1000):
             text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
-            if ours.match(text):
-                count += int(client.delete(name))
+            found = ours.match(text)
+            if found:
+                deleted = int(client.delete(name))
+                if found.group(1) is None and found.group(2) is None:   # an entry
+                    count += deleted
         return count
 
     def announce(self, message: dict) -> int:
@@ -577,6 +611,7 @@ class RedisStore:
                 self._release_script = client.register_script(_RELEASE_LUA)
                 self._lease_script = client.register_script(_LEASE_LUA)
                 self._index_script = client.register_script(_INDEX_LUA)
+                self._take_index_script = client.register_script(_TAKE_INDEX_LUA)
                 self._client = client
                 if self._watch is not None:
                     threading.Thread(target=self._watch_loop, args=(client,), daemon=True,

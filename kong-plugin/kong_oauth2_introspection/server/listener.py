@@ -482,16 +482,91 @@ def new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def raise_nofile(log: Log) -> int:
+    """Raise the soft open-files limit to the hard one: every Kong worker's connection
+    is a descriptor, and the metrics port keeps to a fixed few (loopback_http.py), so
+    the rest is the plugin socket's. Returns the soft limit now in force."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # Linux refuses an infinite soft nofile: under an infinite hard one take the kernel's cap
+        target = _nr_open(soft) if hard == resource.RLIM_INFINITY else hard
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        return int(soft)
+    except (ImportError, ValueError, OSError) as err:
+        log.warn("cannot raise the open-files limit (%s)" % err)
+        return -1
+
+
+def _nr_open(default: int) -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return default
+
+
+class StartError(Exception):
+    """The server cannot start; the text is one line for the operator, naming the path."""
+
+
+# sun_path is 108 bytes on Linux (104 on the BSDs and macOS), its last one a NUL.
+MAX_SOCKET_PATH = 107
+
+
+def _take_socket_path(socket_path: str) -> None:
+    """Make room for our socket, refusing to take it from a server that is answering
+    on it (a second ``serve`` on the same prefix would otherwise cut Kong off the first
+    one); a socket file nobody listens on is left over from a server that died."""
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        raise StartError("socket path %s is %d bytes, longer than the %d a Unix socket "
+                         "path may have: use a shorter -kong-prefix"
+                         % (socket_path, len(os.fsencode(socket_path)), MAX_SOCKET_PATH))
+    if not os.path.lexists(socket_path):
+        return
+    import socket
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(socket_path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        pass   # stale: nobody listens
+    except OSError as err:   # a full backlog, no permission: it may well be alive
+        raise StartError("cannot tell whether a server answers on %s (%s); not starting"
+                         % (socket_path, err.strerror or type(err).__name__)) from None
+    else:
+        raise StartError("another server is answering on %s; not starting (stop it, or "
+                         "give this one another -kong-prefix)" % socket_path)
+    finally:
+        probe.close()
+    try:
+        os.unlink(socket_path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise StartError("cannot remove the stale socket %s: %s" % (socket_path, err.strerror))
+
+
 def serve(socket_path: str, server: PluginServer, *, backlog: int = 4096) -> None:
-    """Serve until SIGTERM/SIGINT or until Kong (our parent) is gone."""
+    """Serve until SIGTERM/SIGINT or until Kong (our parent) is gone. Raises StartError
+    when the socket cannot be had."""
+    _take_socket_path(socket_path)
+    nofile = raise_nofile(server.log)
     loop = new_loop()
     asyncio.set_event_loop(loop)
     server.loop = loop
     server.main = greenlet.getcurrent()
-    if os.path.exists(socket_path):
-        os.unlink(socket_path)
-    listener = loop.run_until_complete(loop.create_unix_server(
-        lambda: _Connection(server), path=socket_path, backlog=backlog))
+    try:
+        listener = loop.run_until_complete(loop.create_unix_server(
+            lambda: _Connection(server), path=socket_path, backlog=backlog))
+    except OSError as err:
+        loop.close()
+        hint = (" (the plugin server runs as uid %d: Kong's prefix must be writable by "
+                "that user)" % os.getuid()) if isinstance(err, PermissionError) else ""
+        raise StartError("cannot listen on %s: %s%s"
+                         % (socket_path, err.strerror or err, hint)) from None
     parent = os.getppid()
 
     def housekeeping():
@@ -505,9 +580,9 @@ def serve(socket_path: str, server: PluginServer, *, backlog: int = 4096) -> Non
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, loop.stop)
     loop.call_later(SWEEP_INTERVAL, housekeeping)
-    server.log.info("serving %s on %s (deadline %g s, %d worker threads)"
+    server.log.info("serving %s on %s (deadline %g s, %d worker threads, %d open files)"
                     % (", ".join(server.plugins), socket_path, server.deadline,
-                       server.pool._max_workers))
+                       server.pool._max_workers, nofile))
     try:
         loop.run_forever()
     finally:
