@@ -90,6 +90,15 @@ class Breaker:
             if self.state != CLOSED:
                 self._change(CLOSED)
 
+    def release(self) -> None:
+        """The call ``allow`` let through was never made (the request could not be
+        sent): neither a success nor a failure; in half-open state the next caller
+        probes instead."""
+        if self.state == CLOSED:
+            return
+        with self._lock:
+            self._probing = False
+
     def failed(self) -> None:
         with self._lock:
             now = self.clock()

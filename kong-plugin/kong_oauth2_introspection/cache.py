@@ -51,6 +51,7 @@ from cachetools import TLRUCache
 
 from . import metrics
 from .concurrency import Deadline, current_deadline, deadline_scope
+from .httpclient import Unsendable
 from .introspection import Answer, IntrospectionError
 from .upstream import uuid_shaped
 
@@ -340,9 +341,13 @@ class TokenCache:
         if breaker is None:
             return fetch()
         if not breaker.allow():
-            raise IntrospectionError("circuit breaker open: introspection endpoint not asked")
+            raise IntrospectionError("circuit breaker open: introspection endpoint not asked",
+                                     "idp_circuit_open")
         try:
             answer = fetch()
+        except Unsendable:
+            breaker.release()   # nothing was sent: it says nothing about the IdP
+            raise
         except BaseException:
             breaker.failed()
             raise

@@ -82,6 +82,8 @@ class Config:
     pre_authorization: Optional[Tuple[str, Optional[str]]] = None
     proof_of_possession_dpop: str = "off"     # off | optional | strict
     dpop_proof_lifetime: float = 300
+    introspection_jwt_max_age: float = 60
+    refusal_log_level: str = "info"
     proof_of_possession_mtls: str = "off"     # off | optional | strict
 
     @property
@@ -225,6 +227,8 @@ class Config:
             pre_authorization=pre_authorization,
             proof_of_possession_dpop=c["proof_of_possession_dpop"],
             dpop_proof_lifetime=float(c["dpop_proof_lifetime"]),
+            introspection_jwt_max_age=float(c["introspection_jwt_max_age"]),
+            refusal_log_level=c["refusal_log_level"],
             proof_of_possession_mtls=c["proof_of_possession_mtls"],
             upstream_introspection_jwt_header=jwt_header,
         )

@@ -15,12 +15,12 @@ without authentication, a CORS preflight when ``run_on_preflight`` is false.
 
 import json
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from kong_pdk.exception import PDKException
 
 from . import NAME, PRIORITY, VERSION, body, metrics, responses, tracing
-from . import cert_binding, dpop
+from . import cert_binding, dpop, refusals
 from . import requirements as required
 from . import schema as schema_module
 from . import breaker as breakers
@@ -30,11 +30,14 @@ from .concurrency import DeadlineExceeded, blocking
 from .config import Config, ConfigError
 from .consumers import ConsumerFinder, ConsumerLookupError
 from .guard import MARK
-from .introspection import IntrospectionError, Introspector, certificate_fingerprint, usable
+from .httpclient import Unsendable
+from .introspection import CLOCK_SKEW, IntrospectionError, Introspector, \
+    certificate_fingerprint, why_unusable
 from .jwt_answers import JWT_KEY
 from .log import LOG
 from .request import IncomingRequest, Uninspectable
 from .responses import Refusal
+from .templates import wire
 from .server.instances import PluginInstance, Unusable
 from .server.registry import Registry
 from .store import RedisStore
@@ -108,6 +111,10 @@ class Runtime:
             replays = dpop.ReplayStore(self.cache.store, ttl=conf.dpop_proof_lifetime
                                        + dpop.FUTURE_SKEW)
             self.dpop = dpop.DPoPVerifier(conf.dpop_proof_lifetime, replays)
+        if self.introspector.jwt_answers is not None:
+            # Each signed answer once: across the cluster when there is a Redis.
+            self.introspector.jwt_answers.replays = dpop.ReplayStore(
+                self.cache.store, ttl=conf.introspection_jwt_max_age + CLOCK_SKEW)
 
     def close(self) -> None:
         self.introspector.close()
@@ -135,25 +142,32 @@ class Plugin(PluginInstance):
     def access(self, kong) -> None:
         # An exception reaching the server is answered 500 there too; here it is
         # logged with the plugin's name and answered the same way.
+        access = None
         try:
             runtime = self.runtime
             if isinstance(runtime, Unusable):
-                kong.log.err(LOG_PREFIX + "unusable config: %s" % runtime.error)
                 metrics.decision(metrics.ERROR, "unusable_config")
-                return _exit(kong, responses.SERVER_ERROR)
-            _Access(runtime, kong).run()
+                return _error(kong, "unusable_config", str(runtime.error), self.scope)
+            access = _Access(runtime, kong, self.scope)
+            access.run()
         except DeadlineExceeded:
-            kong.log.err(LOG_PREFIX + "request deadline exceeded")
             metrics.decision(metrics.ERROR, "deadline")
-            _exit(kong, responses.SERVER_ERROR)
+            _error(kong, "deadline_exceeded", "", self.scope, access)
         except Exception as err:  # noqa: BLE001 - the last line of defence
-            kong.log.err(LOG_PREFIX + "internal error: %s" % type(err).__name__)
             metrics.decision(metrics.ERROR, "internal")
-            _exit(kong, responses.SERVER_ERROR)
+            _error(kong, "internal_error", type(err).__name__, self.scope, access)
 
 
 def _exit(kong, refusal: Refusal) -> None:
     kong.response.exit(refusal.status, refusal.body, refusal.headers)
+
+
+def _error(kong, reason: str, detail: str, scope: Optional[str],
+           access: "Optional[_Access]" = None) -> None:
+    """A 500 that is not the request's fault: one ``err`` line, then the answer."""
+    refusals.report(kong, NAME, 500, reason, detail, scope=scope,
+                    credential=access.credential() if access is not None else None)
+    _exit(kong, responses.SERVER_ERROR)
 
 
 class _Access:
@@ -162,10 +176,23 @@ class _Access:
     found: Optional[Found] = None
     dpop_scheme = False   # the token came as "Authorization: DPoP"
 
-    def __init__(self, runtime: Runtime, kong):
+    def __init__(self, runtime: Runtime, kong, scope: Optional[str] = None):
         self.rt = runtime
         self.conf = runtime.conf
         self.kong = kong
+        self.scope = scope
+
+    def credential(self) -> Optional[str]:
+        """The keyed credential id Kong would log for this token (never the token)."""
+        key = getattr(self, "key", None)   # the token's cache key, once there is a token
+        return self.rt.cache.credential_id(key) if key is not None else None
+
+    def deny(self, refusal: Refusal, reason: str, detail: str = "") -> None:
+        """Answer ``refusal`` (no anonymous fallback), telling why once."""
+        refusals.report(self.kong, NAME, refusal.status, reason, detail,
+                        level=self.conf.refusal_log_level, scope=self.scope,
+                        credential=self.credential())
+        _exit(self.kong, refusal)
 
     def run(self) -> None:
         conf, kong, answers = self.conf, self.kong, self.rt.answers
@@ -193,49 +220,53 @@ class _Access:
             if self.found is None:
                 self.found = self.rt.tokens.find(req)
         except Uninspectable as why:
-            kong.log.info(LOG_PREFIX + "request refused: %s" % why)
             metrics.decision(metrics.REFUSED, "malformed_request")
-            return _exit(kong, answers.BAD_REQUEST)
+            return self.deny(answers.BAD_REQUEST, "malformed_request", str(why))
         except MalformedToken as why:
-            kong.log.info(LOG_PREFIX + "unusable token: %s" % why)
             if why.ambiguous:
                 metrics.decision(metrics.REFUSED, "malformed_request")
-                return _exit(kong, answers.BAD_REQUEST)
-            return self.refuse(answers.INVALID_TOKEN)
+                return self.deny(answers.BAD_REQUEST, "token_sent_twice", str(why))
+            return self.refuse(answers.INVALID_TOKEN, "malformed_token", str(why))
         if self.found is None:
-            return self.refuse(answers.MISSING_TOKEN)
+            return self.refuse(answers.MISSING_TOKEN, "missing_token")
 
-        claims = self.introspect(self.found.token)
-        if claims is None:
+        try:
+            claims = self.introspect(self.found.token)
+        except Unsendable as why:
+            metrics.decision(metrics.REFUSED, "malformed_request")
+            return self.deny(answers.BAD_REQUEST, "request_unsendable", str(why))
+        except IntrospectionError as err:
             metrics.decision(metrics.ERROR, "idp_unavailable")
-            return _exit(kong, responses.SERVER_ERROR)
-        if not usable(claims, time.time()):
-            return self.refuse(answers.INVALID_TOKEN)
+            return _error(kong, err.kind, str(err), self.scope, self)
+        unusable = why_unusable(claims, time.time())
+        if unusable is not None:
+            return self.refuse(answers.INVALID_TOKEN, unusable)
         if self.rt.dpop is not None:
-            refusal = self.proof_of_possession(claims)
-            if refusal is not None:
-                return self.refuse(refusal)
-        if conf.proof_of_possession_mtls != "off" and not self.certificate_fits(claims):
-            return self.refuse(answers.INVALID_TOKEN)
+            refused = self.proof_of_possession(claims)
+            if refused is not None:
+                return self.refuse(*refused)
+        if conf.proof_of_possession_mtls != "off":
+            misfit = self.certificate_misfit(claims)
+            if misfit is not None:
+                return self.refuse(answers.INVALID_TOKEN, misfit)
         failed = conf.requirements.failure(claims) if conf.requirements.configured else None
         if failed in (required.ISSUER, required.AUDIENCE):
             # A token meant for another resource: not a token for this one.
-            kong.log.info(LOG_PREFIX + "token refused: %s not allowed" % failed)
-            return self.refuse(answers.INVALID_TOKEN)
+            return self.refuse(answers.INVALID_TOKEN, failed + "_not_allowed")
         if failed == required.SCOPE:
             # Authorization, not authentication, failed: no anonymous fallback.
             metrics.decision(metrics.REFUSED, "insufficient_scope")
-            return _exit(kong, answers.MISSING_SCOPE)
+            return self.deny(answers.MISSING_SCOPE, "scope_missing", "lacks " + " ".join(
+                conf.requirements.missing_scopes(claims)))
         if conf.claims is not None and not conf.claims.evaluate(claims):
             metrics.decision(metrics.REFUSED, "insufficient_scope")
-            return _exit(kong, answers.INSUFFICIENT_SCOPE)
+            return self.deny(answers.INSUFFICIENT_SCOPE, "claims_failed", str(conf.claims))
 
         try:
             consumer = self.rt.consumers.for_claims(kong, claims)
         except ConsumerLookupError as err:
-            kong.log.err(LOG_PREFIX + str(err))
             metrics.decision(metrics.ERROR, "consumer_lookup")
-            return _exit(kong, responses.SERVER_ERROR)
+            return _error(kong, "consumer_lookup_failed", str(err), self.scope, self)
 
         values = credential_headers(conf, claims)
         if conf.upstream_introspection_jwt_header and JWT_KEY in claims:
@@ -258,8 +289,9 @@ class _Access:
         kong.client.authenticate(consumer, credential)
         metrics.decision(metrics.ALLOWED, "active_token")
 
-    def introspect(self, token: str) -> Optional[Dict[str, Any]]:
-        """The IdP's claims about ``token`` (cached); None when it cannot be asked."""
+    def introspect(self, token: str) -> Dict[str, Any]:
+        """The IdP's claims about ``token`` (cached). IntrospectionError when the IdP
+        cannot be asked, Unsendable when this request's values cannot be sent."""
         extra = self.introspection_headers()
         context = json.dumps(extra, sort_keys=True) if extra else ""
         cache, policy = self.rt.cache, self.rt.policy
@@ -270,24 +302,23 @@ class _Access:
             try:
                 entry = blocking(tracing.bind(self.req.headers, cache.get), key,
                                  lambda: introspector.introspect(token, extra), policy)
-            except (IntrospectionError, DeadlineExceeded) as err:
-                self.kong.log.err(LOG_PREFIX + (str(err) or type(err).__name__))
-                return None
+            except DeadlineExceeded:
+                raise IntrospectionError("no answer within the request deadline",
+                                         "deadline_exceeded") from None
         return entry.claims
 
-    def proof_of_possession(self, claims: Dict[str, Any]) -> Optional[Refusal]:
-        """RFC 9449: the refusal for a DPoP-bound token without a valid proof, or for an
-        unbound one where binding is required (or claimed by the DPoP scheme)."""
+    def proof_of_possession(self, claims: Dict[str, Any]) -> Optional[Tuple[Refusal, str, str]]:
+        """RFC 9449: the refusal (and its reason) for a DPoP-bound token without a valid
+        proof, or for an unbound one where binding is required (or claimed by the DPoP
+        scheme)."""
         answers, kong = self.rt.answers, self.kong
         jkt = dpop.bound_key(claims)
         if jkt is None:
             if self.conf.proof_of_possession_dpop == "strict" or self.dpop_scheme:
-                kong.log.info(LOG_PREFIX + "token refused: not DPoP-bound")
-                return answers.DPOP_BOUND
+                return answers.DPOP_BOUND, "dpop_not_bound", ""
             return None
         if not self.dpop_scheme:   # section 7.2: a bound token sent as a bearer token
-            kong.log.info(LOG_PREFIX + "token refused: DPoP-bound token without DPoP")
-            return answers.DPOP_BOUND
+            return answers.DPOP_BOUND, "dpop_proof_missing", ""
         req = self.req
         # X-Forwarded-Proto when it comes from trusted_ips: a proxy that terminates
         # TLS before Kong leaves the client's https URL in the proof.
@@ -297,25 +328,24 @@ class _Access:
             blocking(self.rt.dpop.verify, req.headers.get("dpop"),  # type: ignore[union-attr]
                      self.found.token, jkt, req.method, url)  # type: ignore[union-attr]
         except dpop.ProofRejected as why:
-            kong.log.info(LOG_PREFIX + "DPoP proof refused: %s" % why)
-            return answers.INVALID_DPOP_PROOF
+            return answers.INVALID_DPOP_PROOF, "dpop_proof_invalid", str(why)
         return None
 
-    def certificate_fits(self, claims: Dict[str, Any]) -> bool:
+    def certificate_misfit(self, claims: Dict[str, Any]) -> Optional[str]:
         """RFC 8705: a certificate-bound token only with its certificate (one PDK call,
-        only for bound tokens, or for all under ``strict``)."""
+        only for bound tokens, or for all under ``strict``); the refusal reason, or None."""
         bound = cert_binding.bound_thumbprint(claims) is not None
         if not bound and self.conf.proof_of_possession_mtls != "strict":
-            return True
+            return None
+        if not bound:
+            return "certificate_not_bound"
         try:
             chain = self.kong.client.tls.get_full_client_certificate_chain()
         except PDKException:   # Kong 2.8 raises what 3.x returns as nil
             chain = None
-        if bound and cert_binding.matches(claims, chain):
-            return True
-        self.kong.log.info(LOG_PREFIX + "token refused: %s" % (
-            "not certificate-bound" if not bound else "client certificate does not match"))
-        return False
+        if cert_binding.matches(claims, chain):
+            return None
+        return "certificate_mismatch" if chain else "certificate_missing"
 
     def introspection_headers(self) -> Optional[Dict[str, str]]:
         """Headers for the IdP that depend on this request (they join the cache key)."""
@@ -324,20 +354,22 @@ class _Access:
         req = self.req
         extra = {name: t.render(req) for name, t in self.rt.dynamic_headers}
         if self.conf.introspect_request:
-            extra["X-Request-Path"] = req.path
-            extra["X-Request-Http-Method"] = req.method
+            # Kong hands the path decoded: sent as templates send values (``wire``).
+            extra["X-Request-Path"] = wire(req.path)
+            extra["X-Request-Http-Method"] = wire(req.method)
         return extra
 
-    def refuse(self, refusal: Refusal) -> None:
+    def refuse(self, refusal: Refusal, reason: str, detail: str = "") -> None:
+        """A failed authentication: ``refusal``, or the anonymous consumer."""
         conf, kong = self.conf, self.kong
         if not conf.anonymous:
             metrics.decision(metrics.REFUSED, metrics.refusal_reason(refusal))
-            return _exit(kong, refusal)
+            return self.deny(refusal, reason, detail)
         consumer = self.rt.consumers.by_id_or_username(kong, conf.anonymous)
         if not consumer:
-            kong.log.err(LOG_PREFIX + "anonymous consumer %r not found" % conf.anonymous)
             metrics.decision(metrics.ERROR, "anonymous_not_found")
-            return _exit(kong, responses.SERVER_ERROR)
+            return _error(kong, "anonymous_consumer_not_found",
+                          "anonymous %r (after %s)" % (conf.anonymous, reason), self.scope, self)
         self.send_upstream(consumer_headers(consumer, anonymous=True))
         kong.client.authenticate(consumer, None)
         metrics.decision(metrics.ANONYMOUS, metrics.refusal_reason(refusal))

@@ -38,7 +38,19 @@ class TLS:
 
 
 class HTTPFailure(Exception):
-    """No usable exchange; the message is safe to log (no URL, body or secret)."""
+    """No usable exchange; the message is safe to log (no URL, body or secret).
+
+    ``kind``: ``refused``, ``timed_out``, ``unreachable`` (no connection, TLS or a
+    broken exchange) or ``too_large``."""
+
+    def __init__(self, message: str, kind: str = "unreachable"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class Unsendable(Exception):
+    """The request cannot be put on the wire (a header value HTTP cannot carry):
+    nothing was sent, so it says nothing about the server. Safe to log."""
 
 
 class Reply(NamedTuple):
@@ -157,6 +169,37 @@ class _Adapter(HTTPAdapter):
 _FAILURES = (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError)
 
 
+def check_sendable(headers: Optional[Dict[str, Any]]) -> None:
+    """What http.client and requests would refuse only while sending (after the
+    connection is made): a value that is not Latin-1, holds CR, LF or NUL, or
+    starts with a blank. Refused here, before anything is sent."""
+    for name, value in (headers or {}).items():
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise Unsendable("header %s holds a character outside Latin-1" % name) from None
+        if any(c in value for c in "\r\n\x00") or value[:1] in (" ", "\t"):
+            raise Unsendable("header %s holds a control character or a leading blank"
+                             % name)
+
+
+def _caused_by(err: BaseException, kind: type) -> bool:
+    """Whether ``kind`` is in ``err``'s chain (requests wraps urllib3 wraps OSError)."""
+    seen: List[BaseException] = []
+    todo: List[BaseException] = [err]
+    while todo and len(seen) < 16:
+        current = todo.pop()
+        if isinstance(current, kind):
+            return True
+        seen.append(current)
+        todo.extend(a for a in (current.__cause__, current.__context__,
+                                *getattr(current, "args", ()), getattr(current, "reason", None))
+                    if isinstance(a, BaseException) and a not in seen)
+    return False
+
+
 def _private_files(tls: Any, prefix: str) -> Dict[str, str]:
     """The PEM strings of ``tls`` (ca, cert, key) as files only this process can read:
     requests takes CA bundles and client certificates only as paths."""
@@ -215,6 +258,7 @@ class HTTPClient:
         Raises DeadlineExceeded when the request's deadline ended it, HTTPFailure
         for anything else that gave no complete answer (``timed out``, refused,
         TLS, larger than ``max_bytes``)."""
+        check_sendable(kwargs.get("headers"))
         now = time.monotonic()
         deadline = current_deadline()
         at = now + timeout
@@ -230,10 +274,10 @@ class HTTPClient:
             try:
                 length = response.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) > max_bytes:
-                    raise HTTPFailure("answer larger than %d bytes" % max_bytes)
+                    raise HTTPFailure("answer larger than %d bytes" % max_bytes, "too_large")
                 body = response.raw.read(max_bytes + 1, decode_content=True) or b""
                 if len(body) > max_bytes:
-                    raise HTTPFailure("answer larger than %d bytes" % max_bytes)
+                    raise HTTPFailure("answer larger than %d bytes" % max_bytes, "too_large")
                 return Reply(response.status_code, dict(response.headers), body)
             finally:
                 response.close()
@@ -244,7 +288,10 @@ class HTTPClient:
         except _FAILURES as err:
             if watch.fired or time.monotonic() >= at:
                 raise self._ended(watch, deadline) from None
-            raise HTTPFailure("could not connect (%s)" % type(err).__name__) from None
+            refused = _caused_by(err, ConnectionRefusedError)
+            raise HTTPFailure("could not connect (%s)" % (
+                "connection refused" if refused else type(err).__name__),
+                "refused" if refused else "unreachable") from None
         finally:
             _REAPER.forget(watch)
 
@@ -252,7 +299,7 @@ class HTTPClient:
     def _ended(watch: _Watch, deadline) -> Exception:
         if deadline is not None and deadline.expired:
             return DeadlineExceeded("request deadline exceeded")
-        return HTTPFailure("timed out")
+        return HTTPFailure("timed out", "timed_out")
 
     def drop_idle(self) -> None:
         self.adapter.poolmanager.clear()

@@ -17,20 +17,34 @@ from typing import Any, Dict, NamedTuple, Optional
 
 from . import metrics
 from .concurrency import DeadlineExceeded, current_deadline
-from .config import BACKOFF_BASE, BACKOFF_MAX, Config
-from .httpclient import HTTPClient, HTTPFailure
+from .config import BACKOFF_BASE, BACKOFF_MAX, Config, ConfigError
+from .httpclient import HTTPClient, HTTPFailure, Unsendable, check_sendable
 from .jwt_answers import MEDIA_TYPE, AnswerRejected, JWTAnswers
 from .preauth import PreAuthorization, PreAuthorizationError
 
 MAX_ANSWER_BYTES = 1024 * 1024
+# Seconds another clock (the IdP's) may run ahead of ours: nbf, a signed answer's iat.
+CLOCK_SKEW = 60
 
 
 class IntrospectionError(Exception):
     """The server could not be asked or gave no usable answer.
 
     The message is safe to log: it never holds the token, the credentials or
-    the server's body.
+    the server's body. ``kind`` is the reason a refusal log names: ``idp_refused``,
+    ``idp_unreachable``, ``idp_timed_out``, ``idp_error`` (an HTTP status),
+    ``idp_answer_invalid``, ``idp_circuit_open``.
     """
+
+    def __init__(self, message: str, kind: str = "idp_error"):
+        super().__init__(message)
+        self.kind = kind
+
+
+# A JSON answer nested deeper than this is not an introspection answer (RFC 7662
+# answers are flat; real ones nest a few levels): refused before anything walks it.
+MAX_ANSWER_DEPTH = 32
+_HTTP_KINDS = {"refused": "idp_refused", "timed_out": "idp_timed_out"}
 
 
 class Answer(NamedTuple):
@@ -47,10 +61,44 @@ def parse_answer(body: bytes) -> Dict[str, Any]:
     try:
         claims = json.loads(body)
     except (ValueError, RecursionError):
-        raise IntrospectionError("introspection endpoint answered with invalid JSON") from None
+        raise IntrospectionError("introspection endpoint answered with invalid JSON",
+                                 "idp_answer_invalid") from None
     if not isinstance(claims, dict):
-        raise IntrospectionError("introspection endpoint answered JSON that is not an object")
+        raise IntrospectionError("introspection endpoint answered JSON that is not an object",
+                                 "idp_answer_invalid")
+    check_answer(claims)
     return claims
+
+
+def check_answer(claims: Any) -> None:
+    """IntrospectionError for JSON nothing downstream can carry: nested deeper than
+    ``MAX_ANSWER_DEPTH``, or a string (key or value) holding a lone surrogate
+    (``"\\ud800"`` is valid JSON, but no UTF-8 and so no header, log or PDK call
+    can hold it). Iterative: a deep answer cannot exhaust the stack here."""
+    todo = [(claims, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, str):
+            items: Any = ()
+            strings: Any = (value,)
+        elif isinstance(value, dict):
+            items, strings = value.values(), value.keys()
+        elif isinstance(value, list):
+            items, strings = value, ()
+        else:
+            continue
+        if depth > MAX_ANSWER_DEPTH and not isinstance(value, str):
+            raise IntrospectionError("introspection endpoint answered JSON nested deeper "
+                                     "than %d levels" % MAX_ANSWER_DEPTH, "idp_answer_invalid")
+        for text in strings:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise IntrospectionError("introspection endpoint answered a string with a "
+                                             "lone surrogate (not Unicode text)",
+                                             "idp_answer_invalid") from None
+        todo.extend((item, depth + 1) for item in items)
 
 
 def _time_claim(claims: Dict[str, Any], name: str):
@@ -63,22 +111,29 @@ def _time_claim(claims: Dict[str, Any], name: str):
     return value
 
 
-def usable(claims: Dict[str, Any], now: float) -> bool:
-    """Whether an answer says "this token may be used now", judged at decision time.
+def why_unusable(claims: Dict[str, Any], now: float) -> Optional[str]:
+    """None when an answer says "this token may be used now" (judged at decision
+    time), else the refusal reason.
 
     ``active`` must be the JSON ``true``; ``exp`` and ``nbf`` are optional (RFC
     7662) but, when present, must be numbers that allow ``now``. ``iat`` is only
     informational and never refuses a token.
     """
     if claims.get("active") is not True:
-        return False
+        return "token_inactive"
     exp = _time_claim(claims, "exp")
-    if exp is False or (exp is not None and exp <= now):
-        return False
     nbf = _time_claim(claims, "nbf")
-    if nbf is False or (nbf is not None and nbf > now + 60):  # 60 s clock skew
-        return False
-    return True
+    if exp is False or nbf is False:
+        return "token_time_claims_invalid"
+    if exp is not None and exp <= now:
+        return "token_expired"
+    if nbf is not None and nbf > now + CLOCK_SKEW:
+        return "token_not_yet_valid"
+    return None
+
+
+def usable(claims: Dict[str, Any], now: float) -> bool:
+    return why_unusable(claims, now) is None
 
 
 def certificate_fingerprint(pem: Optional[str]) -> str:
@@ -102,6 +157,10 @@ class Introspector:
         self.client_auth = conf.client_auth
         if conf.keepalive <= 0:
             self.headers["Connection"] = "close"
+        try:   # what the config sends on every call: refused once, here
+            check_sendable(self.headers)
+        except Unsendable as err:
+            raise ConfigError("config.authorization_value", str(err)) from None
 
         self.http = HTTPClient.for_tls(conf.client_tls, prefix="oauth2-introspection-tls-",
                                        option="client_tls", what="the introspection endpoint",
@@ -116,7 +175,8 @@ class Introspector:
             # RFC 9701: ask for signed answers and believe nothing else.
             self.headers["Accept"] = MEDIA_TYPE
             issuer, audience, jwks_url = conf.signed_answers
-            self.jwt_answers = JWTAnswers(issuer, audience, jwks_url, self._get, log)
+            self.jwt_answers = JWTAnswers(issuer, audience, jwks_url, self._get, log,
+                                          max_age=conf.introspection_jwt_max_age)
         self._last_used = time.monotonic()
         self._idle_lock = threading.Lock()
 
@@ -137,7 +197,8 @@ class Introspector:
                 try:
                     bearer = self.pre_authorization.token()
                 except PreAuthorizationError as err:
-                    raise IntrospectionError("pre-authorization: %s" % err) from None
+                    raise IntrospectionError("pre-authorization: %s" % err,
+                                             "idp_pre_authorization") from None
                 headers["Authorization"] = "Bearer " + bearer
             elif self.client_auth is not None:
                 # Per attempt: an assertion's jti may be used only once.
@@ -148,9 +209,9 @@ class Introspector:
                                             timeout=self.timeout, max_bytes=MAX_ANSWER_BYTES)
             except DeadlineExceeded:
                 raise IntrospectionError("introspection endpoint did not answer within "
-                                         "the request deadline") from None
+                                         "the request deadline", "idp_timed_out") from None
             except HTTPFailure as err:
-                failure = str(err)
+                failure, kind = str(err), _HTTP_KINDS.get(err.kind, "idp_unreachable")
             else:
                 if reply.status == 401 and bearer is not None and not renewed:
                     # Revoked or lapsed early: drop it, fetch one new token, ask again once.
@@ -159,13 +220,13 @@ class Introspector:
                     continue
                 if reply.status < 500:
                     return metrics.idp_answer(self.url, self._answer, reply)
-                failure = "answered HTTP %d" % reply.status
+                failure, kind = "answered HTTP %d" % reply.status, "idp_error"
             if attempt >= self.max_retries:
-                raise IntrospectionError("introspection endpoint " + failure)
+                raise IntrospectionError("introspection endpoint " + failure, kind)
             pause = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
             if deadline is not None and deadline.remaining() <= pause:
                 raise IntrospectionError("introspection endpoint %s; no time left to retry"
-                                         % failure)
+                                         % failure, kind)
             time.sleep(pause)
             attempt += 1
 
@@ -184,7 +245,9 @@ class Introspector:
                 claims = self.jwt_answers.claims(reply.body)
             except (AnswerRejected, HTTPFailure) as err:
                 # A bad signature is the server's failure, never an inactive token.
-                raise IntrospectionError("introspection endpoint: %s" % err) from None
+                raise IntrospectionError("introspection endpoint: %s" % err,
+                                         "idp_answer_invalid") from None
+            check_answer(claims)
         cache_control = {k.lower(): v for k, v in reply.headers.items()}.get("cache-control", "")
         return Answer(claims, "no-store" not in cache_control.lower())
 

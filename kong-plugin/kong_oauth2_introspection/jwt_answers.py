@@ -5,14 +5,19 @@ a JWT whose ``token_introspection`` claim is the RFC 7662 answer. Before that
 claim is believed: the ``typ`` header must be ``token-introspection+jwt``, the
 signature must verify with a key of the server's JWKS (asymmetric algorithms
 only), ``iss`` must be the configured issuer, ``aud`` the plugin's ``client_id``
-and ``iat`` recent. Any failure is the server's failure (the request gets 500,
-nothing is cached), never an inactive token.
+and ``iat`` at most ``max_age`` seconds old (``CLOCK_SKEW`` ahead). Nothing in
+an answer names the token it is about, so a recorded answer would vouch for any
+token: each answer is accepted once, by its ``jti`` (without one, by the SHA-256
+of the whole JWT), in the replay store DPoP proofs use (Redis when the config has
+a store: once across the cluster). Any failure is the server's failure (the
+request gets 500, nothing is cached), never an inactive token.
 
 The JWKS is kept and fetched again as ``jwks.Keys`` does for both plugins (a key
 rotation is found at once, at most once every ``REFRESH_INTERVAL`` seconds). The
 code here runs on the cache's worker threads: it may block.
 """
 
+import hashlib
 import json
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -24,7 +29,7 @@ from .jwks import ALGORITHMS, Keys
 
 MEDIA_TYPE = "application/token-introspection+jwt"
 TYP = "token-introspection+jwt"
-IAT_WINDOW = 60          # seconds an answer's iat may differ from now
+CLOCK_SKEW = 60          # seconds the IdP's clock may run ahead (introspection.CLOCK_SKEW)
 MAX_JWKS_BYTES = 256 * 1024
 
 # Where the verified JWT rides along with the claims it carries, for the
@@ -42,9 +47,12 @@ Fetch = Callable[[str, Dict[str, str], int], Tuple[int, bytes]]
 
 class JWTAnswers:
     def __init__(self, issuer: str, audience: str, jwks_url: Optional[str], fetch: Fetch,
-                 log: Any = None):
+                 log: Any = None, max_age: float = 60):
         self.issuer = issuer
         self.audience = audience
+        self.max_age = max_age
+        # dpop.ReplayStore (``first_use``); set by the runtime once its store is known.
+        self.replays: Any = None
         self._jwks_url = jwks_url
         self._fetch = fetch
         self._keys = Keys(unavailable=(AnswerRejected,), log=log)
@@ -70,17 +78,40 @@ class JWTAnswers:
         try:
             # The leeway lets the server's clock run ahead; the iat window follows.
             payload = jwt.decode(text, key.key, algorithms=[alg], issuer=self.issuer,
-                                 audience=self.audience, leeway=IAT_WINDOW,
+                                 audience=self.audience, leeway=CLOCK_SKEW,
                                  options={"require": ["iss", "aud", "iat"]})
         except jwt.PyJWTError as err:
             raise AnswerRejected("signed answer failed verification: %s" % err) from None
+        except RecursionError:
+            raise AnswerRejected("signed answer nested too deeply") from None
         iat = payload.get("iat")
-        if not isinstance(iat, (int, float)) or abs((now or time.time()) - iat) > IAT_WINDOW:
-            raise AnswerRejected("signed answer's iat is not recent")
+        current = time.time() if now is None else now
+        if isinstance(iat, bool) or not isinstance(iat, (int, float)) \
+                or not current - self.max_age <= iat <= current + CLOCK_SKEW:
+            raise AnswerRejected("signed answer's iat is older than %g s or in the future"
+                                 % self.max_age)
         inner = payload.get("token_introspection")
         if not isinstance(inner, dict):
             raise AnswerRejected("signed answer has no token_introspection object")
+        self._once(payload, text)
         return dict(inner, **{JWT_KEY: text})
+
+    def _once(self, payload: Dict[str, Any], text: str) -> None:
+        """AnswerRejected unless this answer is seen for the first time."""
+        if self.replays is None:
+            return
+        jti = payload.get("jti")
+        seen = ("jti\0%s\0%s" % (self.issuer, jti) if isinstance(jti, str) and jti
+                else "jwt\0" + text)
+        key = hashlib.sha256(("signed-answer\0" + seen).encode("utf-8", "surrogatepass"))
+        # Kept as long as the answer could pass the iat check.
+        try:
+            fresh = self.replays.first_use(key.hexdigest(), self.max_age + CLOCK_SKEW)
+        except Exception as err:   # noqa: BLE001 - the store's "cannot tell": refuse
+            raise AnswerRejected("replay store unavailable (%s)" % type(err).__name__) from None
+        if not fresh:
+            raise AnswerRejected("signed answer replayed (its %s was accepted before)"
+                                 % ("jti" if seen.startswith("jti") else "JWT"))
 
     def _jwks_location(self) -> str:
         if self._jwks_url:

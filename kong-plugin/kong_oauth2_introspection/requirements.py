@@ -68,6 +68,13 @@ class Requirements:
             return None
         return " ".join(sorted(self.scopes[0]))
 
+    def missing_scopes(self, claims: Dict[str, Any]) -> Tuple[str, ...]:
+        """For a log line: the scopes of the alternative closest to holding that
+        the token lacks (config values, never the token's)."""
+        present = _values(resolve(claims, self.scopes_claim))
+        lacking = [tuple(sorted(needed - present)) for needed in self.scopes]
+        return min(lacking, key=lambda names: len(names)) if lacking else ()
+
     def failure(self, claims: Dict[str, Any]) -> Optional[str]:
         """ISSUER, AUDIENCE or SCOPE for the first check that fails, None when all hold."""
         iss = claims.get("iss")

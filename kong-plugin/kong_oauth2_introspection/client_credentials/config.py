@@ -33,6 +33,7 @@ class Config:
     claims: Optional[claims_language.Expression] = None
     forward_headers: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
     username_claim: Optional[Tuple[str, ...]] = None
+    refusal_log_level: str = "info"
     tls: TLS = TLS()
     timeout: float = 5.0
     max_retries: int = 3
@@ -106,6 +107,7 @@ class Config:
             claims=expression, forward_headers=tuple(forward), username_claim=username_claim,
             tls=tls, timeout=float(cc["timeout_seconds"]), max_retries=int(cc["max_retries"]),
             store=store, store_secret=secret, owned_headers=frozenset(owned),
+            refusal_log_level=c["refusal_log_level"],
         )
 
 

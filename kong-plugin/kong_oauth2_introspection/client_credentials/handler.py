@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from kong_pdk.exception import PDKException
 
-from .. import responses
+from .. import refusals, responses
 from ..claims import MISSING, resolve
 from ..concurrency import Deadline, DeadlineExceeded, blocking, current_deadline, deadline_scope
 from ..guard import MARK
@@ -131,19 +131,36 @@ class Plugin(PluginInstance):
         try:
             runtime = self.runtime
             if isinstance(runtime, Unusable):
-                kong.log.err(LOG_PREFIX + "unusable config: %s" % runtime.error)
-                return _exit(kong, responses.SERVER_ERROR)
-            _access(runtime, kong)
+                return _Refuse(kong, self.scope).error("unusable_config", str(runtime.error))
+            _access(runtime, kong, _Refuse(kong, self.scope, runtime))
         except Exception as err:   # noqa: BLE001 - the last line of defence
             try:
-                kong.log.err(LOG_PREFIX + "internal error: %s" % type(err).__name__)
-                _exit(kong, responses.SERVER_ERROR)
+                _Refuse(kong, self.scope).error("internal_error", type(err).__name__)
             except Exception:   # noqa: BLE001 - Kong is gone; nothing left to tell
                 pass
 
 
 def _exit(kong: Any, refusal: Refusal) -> None:
     kong.response.exit(refusal.status, refusal.body, refusal.headers)
+
+
+class _Refuse:
+    """One request's refusals: each answered once, and told once (refusals.py)."""
+
+    def __init__(self, kong: Any, scope: Optional[str], rt: Optional[Runtime] = None):
+        self.kong, self.scope, self.rt = kong, scope, rt
+        self.client_id: Optional[str] = None   # once the caller's credentials are known
+
+    def __call__(self, refusal: Refusal, reason: str, detail: str = "") -> None:
+        level = self.rt.conf.refusal_log_level if self.rt is not None else "info"
+        credential = (self.rt.credential_id(self.client_id)
+                      if self.rt is not None and self.client_id is not None else None)
+        refusals.report(self.kong, NAME, refusal.status, reason, detail, level=level,
+                        scope=self.scope, credential=credential)
+        _exit(self.kong, refusal)
+
+    def error(self, reason: str, detail: str = "") -> None:
+        self(responses.SERVER_ERROR, reason, detail)
 
 
 def _headers(kong: Any) -> Optional[Dict[str, List[str]]]:
@@ -183,32 +200,35 @@ def caller_credentials(headers: Dict[str, List[str]]) -> Optional[Credentials]:
     return Credentials(client_id, base64.b64encode(decoded.encode()).decode("ascii"))
 
 
-def _access(rt: Runtime, kong: Any) -> None:
+def _access(rt: Runtime, kong: Any, refuse: _Refuse) -> None:
     conf = rt.conf
     headers = _headers(kong)
     if headers is None:
-        return _exit(kong, TOO_MANY_HEADERS)
+        return refuse(TOO_MANY_HEADERS, "too_many_headers")
     creds = rt.fixed or caller_credentials(headers)
     if creds is None:
-        return _exit(kong, MISSING_CREDENTIALS if not headers.get("authorization")
-                     else BAD_CREDENTIALS)
+        if not headers.get("authorization"):
+            return refuse(MISSING_CREDENTIALS, "missing_credentials")
+        return refuse(BAD_CREDENTIALS, "malformed_credentials")
+    refuse.client_id = creds.client_id
 
     try:
         token = rt.token(creds)
     except ClientRejected as err:
         if rt.fixed is not None:   # the gateway's own client is refused: our fault
-            kong.log.err(LOG_PREFIX + str(err))
-            return _exit(kong, responses.SERVER_ERROR)
-        kong.log.info(LOG_PREFIX + str(err))
+            return refuse.error("gateway_client_rejected", str(err))
         refused = err.status == 401 or err.code == "invalid_client"
-        return _exit(kong, BAD_CREDENTIALS if refused else CLIENT_FORBIDDEN)
-    except (ServerError, TokenInvalid, DeadlineExceeded) as err:
-        kong.log.err(LOG_PREFIX + (str(err) or type(err).__name__))
-        return _exit(kong, responses.SERVER_ERROR)
+        if refused:
+            return refuse(BAD_CREDENTIALS, "client_rejected", str(err))
+        return refuse(CLIENT_FORBIDDEN, "client_forbidden", str(err))
+    except DeadlineExceeded:
+        return refuse.error("deadline_exceeded")
+    except (ServerError, TokenInvalid) as err:
+        return refuse.error("token_endpoint_failed", str(err) or type(err).__name__)
 
     claims = token.claims
     if conf.claims is not None and not conf.claims.evaluate(claims):
-        return _exit(kong, CLAIMS_FORBIDDEN)
+        return refuse(CLAIMS_FORBIDDEN, "claims_failed", str(conf.claims))
 
     upstream: HeaderTable = {"Authorization": "Bearer " + token.value}
     for name, path in conf.forward_headers:

@@ -14,6 +14,7 @@ import json
 from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
 from ..log import LOG
+from ..refusals import scope_of
 from ..schema import PluginSchema
 from .registry import Registry
 
@@ -49,6 +50,7 @@ class PluginInstance:
 
     def __init__(self, config: Any):
         conf_only = self.SCHEMA.from_kong(config)
+        self.scope = scope_of(config)   # where refusals say they happened
         self._key: Optional[str] = hashlib.sha256(
             json.dumps(conf_only, sort_keys=True, default=str).encode()).hexdigest()
         self.runtime = self.RUNTIMES.acquire(self._key, lambda: self._build(conf_only))
