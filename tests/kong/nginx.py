@@ -4,8 +4,9 @@ Mirrors:
 * ngx_http_request.c: a second ``Host``, ``Authorization``, ``Content-Length``,
   ``Content-Range``, ``Transfer-Encoding``, ``Expect`` or ``If-*`` line is answered
   400 before any plugin runs (``ngx_http_process_unique_header_line``; observed on
-  Kong 3.9.1); ``ignore_invalid_headers on`` with ``underscores_in_headers off`` drops
-  header names holding an underscore (or any byte but letters, digits and ``-``);
+  Kong 3.9.1); ``ignore_invalid_headers on`` drops header names holding any byte but
+  letters, digits, ``-`` and ``_`` -- Kong's template sets ``underscores_in_headers
+  on``, so ``X_Consumer_ID`` reaches the plugin and the upstream (observed);
 * lua-nginx-module's ``ngx.req.get_headers`` / ``get_uri_args`` / ``get_post_args``:
   at most ``max`` (default 100) lines or arguments are returned, the rest still
   reach the upstream; a bare flag is ``true``, a repeated name a list;
@@ -31,7 +32,7 @@ DEFAULT_BODY_BUFFER = 8192
 UNIQUE_HEADERS = frozenset(("host", "authorization", "content-length", "content-range",
                             "transfer-encoding", "expect", "if-modified-since",
                             "if-unmodified-since", "if-match", "if-none-match", "if-range"))
-_VALID_NAME = re.compile(r"[A-Za-z0-9-]+")
+_VALID_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 Pairs = List[Tuple[str, str]]
 

@@ -160,7 +160,7 @@ class PDK(object):
         return self.s.host()
 
     def m_request__get_port(self) -> int:
-        return 8000
+        return self.s.standin.proxy_port
 
     def m_request__get_scheme(self) -> str:
         return "http"
