@@ -53,6 +53,10 @@ PRELUDE = {"after_silent_next_request": "fail_silent",
            "after_late_answer_next_request": "fail_late_answer"}
 
 
+# scenarios whose request went to another scenario's route (and plugin)
+SAME_ROUTE = {"fail_server_restarted_stale_instance": "fail_server_down_with_instance"}
+
+
 def _transcripts() -> List[Any]:
     if not TRANSCRIPTS.is_dir():
         return [pytest.param(None, marks=pytest.mark.skip(
@@ -154,8 +158,19 @@ def _kong_side(rpc_msgs: List[Any], answered: List[Optional[str]]) -> List[Tuple
     return norm
 
 
-def _headers(pairs: List[List[Any]]) -> List[Tuple[str, Any]]:
-    return [(k if isinstance(k, str) else json.dumps(k), v) for k, v in pairs]
+def _lua_text(v: Any) -> Any:
+    """A Lua string as the transcripts write it: text, or {"b64"} when not UTF-8."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return {"b64": base64.b64encode(v.encode("utf-8", "surrogateescape")).decode()}
+    return v
+
+
+def _headers(pairs: List[Any]) -> List[Tuple[Any, Any]]:
+    return [(json.dumps(_lua_text(k)) if not isinstance(_lua_text(k), str) else k,
+             _lua_text(v)) for k, v in pairs]
 
 
 def _unvolatile_body(body: str) -> str:
@@ -182,9 +197,11 @@ class Replay(object):
             for step in t["script"]:
                 step = dict(step)
                 if "answer_after_s" in step:
-                    step["answer_after_s"] = step["answer_after_s"] * SCALE
+                    # as late past the (scaled) timeout as recorded, and clearly past it
+                    past = step["answer_after_s"] - KONG_TIMEOUT
+                    step["answer_after_s"] = RPC_TIMEOUT + max(0.3, past * SCALE)
                 script.append(step)
-            scripts[t["scenario"]] = {"script": script,
+            scripts[t["plugin_config"]["scenario"]] = {"script": script,
                                       "start_instance": t.get("server_start_instance", "ok")}
         (tmp / "scripts.json").write_text(json.dumps(scripts))
         self.kong = KongStandIn(PROBE, env={"REPLAY_SCRIPTS": str(tmp / "scripts.json"),
@@ -228,7 +245,7 @@ def _compare(t: Dict[str, Any], r: Any, msgs: List[Any], elapsed: float) -> None
     want = _kong_side(kong_msgs, _pdk_methods_sent(t["rpc"]))
     got_answered = [m for m in msgs]
     got = _kong_side(got_answered, _probe_answered(t, got_answered))
-    assert got == want, "%s: Kong's RPC messages differ" % name
+    assert got == want, "%s: Kong's RPC messages differ:\n got %r\nwant %r" % (name, got, want)
     # 2. StartInstance's Config
     assert _start_configs(msgs) == _start_configs(kong_msgs), \
         "%s: StartInstance Config differs" % name
@@ -242,7 +259,8 @@ def _compare(t: Dict[str, Any], r: Any, msgs: List[Any], elapsed: float) -> None
                   "body": _text(r.upstream.raw_body)}
         want_up = {"method": up["method"], "target": up["target"],
                    "headers": _headers(up["headers"]), "body": up["body"]}
-        assert got_up == want_up, "%s: what the upstream received differs" % name
+        assert got_up == want_up, "%s: what the upstream received differs:\n got %r\nwant %r" % (
+            name, _diff(got_up, want_up), _diff(want_up, got_up))
     # 4. the client's response
     resp = t["response"]
     got_resp = {"status": r.status, "headers": _headers(r.wire_headers(volatile=VOLATILE)),
@@ -250,7 +268,8 @@ def _compare(t: Dict[str, Any], r: Any, msgs: List[Any], elapsed: float) -> None
                 else _text(r.body)}
     want_resp = {"status": resp["status"], "headers": _headers(resp["headers"]),
                  "body": resp["body"]}
-    assert got_resp == want_resp, "%s: the client's response differs" % name
+    assert got_resp == want_resp, "%s: the client's response differs:\n got %r\nwant %r" % (
+        name, _diff(got_resp, want_resp), _diff(want_resp, got_resp))
     # 5. timing class and fail-open
     waited = t["elapsed_s"] > KONG_TIMEOUT * 0.9
     if waited:
@@ -261,6 +280,20 @@ def _compare(t: Dict[str, Any], r: Any, msgs: List[Any], elapsed: float) -> None
             name, elapsed)
     assert (r.failed_open and r.proxied) == _expected_fail_open(t), \
         "%s: failed open %s, recorded %s" % (name, r.failed_open, _expected_fail_open(t))
+
+
+def _diff(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
+    """The items of ``a`` that differ from ``b`` (header lists: from the first
+    differing line on)."""
+    out: Dict[str, Any] = {}
+    for k, v in a.items():
+        if v != b.get(k):
+            if isinstance(v, list) and isinstance(b.get(k), list):
+                i = next((i for i, (x, y) in enumerate(zip(v, b[k])) if x != y),
+                         min(len(v), len(b[k])))
+                v = v[i:]
+            out[k] = v
+    return out
 
 
 def _probe_answered(t: Dict[str, Any], msgs: List[Any]) -> List[Optional[str]]:
@@ -289,6 +322,9 @@ def test_replay(path: Optional[Path], tmp_path: Path) -> None:
     if reason:
         pytest.xfail("the stand-in cannot model this transcript yet: " + reason)
     t = _load(path.parent, path.stem)
+    if t["scenario"] in SAME_ROUTE:
+        # the request went to another scenario's route: that plugin entity answers
+        t = dict(t, plugin_config=_load(path.parent, SAME_ROUTE[t["scenario"]])["plugin_config"])
     before = [_load(path.parent, PRELUDE[t["scenario"]])] if t["scenario"] in PRELUDE else []
     replay = Replay(tmp_path, t["kong"], before + [t])
     try:
@@ -296,12 +332,12 @@ def test_replay(path: Optional[Path], tmp_path: Path) -> None:
             replay.send(replay.configure(p), p["request"])
             if any(s.get("answer_after_s") for s in p["script"]):
                 # the late answer arrives while the connection sits in the pool
-                late = max(s.get("answer_after_s", 0) for s in p["script"]) * SCALE
-                time.sleep(max(0.0, late - RPC_TIMEOUT) + 0.3)
+                time.sleep(0.3 + 0.2)
             replay.new_messages()
         inst = replay.configure(t)
         if "setup" in t:
             _setup(replay, t, inst)
+        _before(replay, t, inst)
         r, elapsed = replay.send(inst if not hasattr(replay, "inst") else replay.inst,
                                  t["request"])
         time.sleep(0.05)   # the probe logs what it read before answering; let it flush
@@ -321,4 +357,17 @@ def _setup(replay: Replay, t: Dict[str, Any], inst: Any) -> None:
     elif name == "fail_server_down_with_instance":
         replay.send(inst, t["setup"]["request"])
         replay.kong.kill_server()
+    replay.new_messages()
+
+
+def _before(replay: Replay, t: Dict[str, Any], inst: Any) -> None:
+    """The state a failure scenario was recorded in (they ran in sequence)."""
+    name = t["scenario"]
+    if name == "fail_server_down_no_instance":
+        replay.kong.kill_server()           # still down from the scenario before
+    elif name == "fail_server_restarted_stale_instance":
+        # an instance started on the old server, which then died; a new one runs
+        replay.send(inst, t["request"])
+        replay.kong.kill_server()
+        replay.kong.restart_server()
     replay.new_messages()

@@ -78,8 +78,21 @@ class CIMultiDict(collections.abc.Mapping):
         self._items = [(k, v) for k, v in self._items if k.lower() != low]
 
     def _set(self, name: str, values: List[str]) -> None:
-        self._remove(name)
-        self._add(name, values)
+        """ngx.req.set_header: the first existing line keeps its place and its
+        name's case (observed: ``set_headers({"x-a": ["1","2"]})`` on a client's
+        ``X-A`` sends ``X-A: 1`` then ``x-a: 2``); further values are appended."""
+        low = name.lower()
+        at = next((i for i, (k, _) in enumerate(self._items) if k.lower() == low), None)
+        if at is None or not values:
+            self._remove(name)
+            self._add(name, values)
+            return
+        kept = self._items[at][0]
+        self._items = [(k, v) for i, (k, v) in enumerate(self._items)
+                       if i == at or k.lower() != low]
+        at = next(i for i, (k, _) in enumerate(self._items) if k.lower() == low)
+        self._items[at] = (kept, values[0])
+        self._add(name, values[1:])
 
     def _add(self, name: str, values: List[str]) -> None:
         for v in values:
@@ -208,7 +221,7 @@ def search_remove(raw: str, name: str) -> str:
     """lua-resty-ada ``search.remove`` as Kong 3.9's clear_query_arg uses it: the
     query is parsed as URLSearchParams, ``name`` removed, the rest RE-SERIALIZED
     (a bare ``flag`` becomes ``flag=``, every byte but alnum and ``*-._`` is
-    percent-encoded), then Kong turns ``+`` into ``%20``."""
+    percent-encoded, a space is ``+``: observed on 3.9.1, ``e=x+y`` stays ``e=x+y``)."""
     kept = []
     for part in raw.split("&"):
         if part == "":
@@ -217,7 +230,7 @@ def search_remove(raw: str, name: str) -> str:
         key, value = ngx_unescape(k), ngx_unescape(v)
         if key != name:
             kept.append(_form_encode(key) + "=" + _form_encode(value))
-    return "&".join(kept).replace("+", "%20")
+    return "&".join(kept)
 
 
 def parse_multipart(body: bytes, content_type: Optional[str]) -> Optional[Dict[str, Any]]:
