@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any, Optional
 
-__all__ = ["LuaError", "LuaNil", "Multi", "lua_tostring", "lua_number", "lua_type",
+__all__ = ["LuaError", "LuaNil", "Multi", "CJSON_NULL", "with_cjson_null", "lua_tostring", "lua_number", "lua_type",
            "to_wire", "from_wire", "cjson_str", "cjson_encode", "lua_pattern_to_regex",
            "lua_match", "is_uuid", "lua_str"]
 
@@ -30,6 +30,28 @@ class LuaError(Exception):
 
 class LuaNil(object):
     """Marker: Kong could not find the PDK function (mp_rpc.lua logs and answers nil)."""
+
+
+class CjsonNull(object):
+    """cjson.null: a JSON null decoded by cjson, a real value in a Lua table
+    (packed as msgpack nil, its key kept: observed for get_body's ``{"e": null}``)."""
+
+    def __repr__(self) -> str:
+        return "cjson.null"
+
+
+CJSON_NULL = CjsonNull()
+
+
+def with_cjson_null(v: Any) -> Any:
+    """A decoded JSON value with its nulls as cjson.null."""
+    if v is None:
+        return CJSON_NULL
+    if isinstance(v, dict):
+        return {k: with_cjson_null(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [with_cjson_null(x) for x in v]
+    return v
 
 
 class Multi(object):
@@ -90,6 +112,8 @@ def lua_type(v: Any) -> str:
 def to_wire(v: Any) -> Any:
     """A Lua value as lua-MessagePack packs it for the plugin server: an empty
     table is an empty ARRAY, an integral double an integer, a string a str."""
+    if v is CJSON_NULL:
+        return None
     if isinstance(v, dict):
         if not v:
             return []
@@ -135,7 +159,7 @@ def cjson_encode(v: Any, arrays: bool = False) -> str:
     """lua-cjson's encoding. A Python list is a Lua sequence; when it is empty it
     encodes as ``{}`` unless ``arrays`` (the table carries cjson.array_mt, as the
     arrays and sets of Kong's schema layer do). A None map value is absent."""
-    if v is None:
+    if v is None or v is CJSON_NULL:
         return "null"
     if v is True:
         return "true"

@@ -4,8 +4,9 @@ Mirrors:
 * ngx_http_request.c: a second ``Host``, ``Authorization``, ``Content-Length``,
   ``Content-Range``, ``Transfer-Encoding``, ``Expect`` or ``If-*`` line is answered
   400 before any plugin runs (``ngx_http_process_unique_header_line``; observed on
-  Kong 3.9.1); ``ignore_invalid_headers on`` with ``underscores_in_headers off`` drops
-  header names holding an underscore (or any byte but letters, digits and ``-``);
+  Kong 3.9.1); ``ignore_invalid_headers on`` drops header names holding any byte but
+  letters, digits, ``-`` and ``_`` -- Kong's template sets ``underscores_in_headers
+  on``, so ``X_Consumer_ID`` reaches the plugin and the upstream (observed);
 * lua-nginx-module's ``ngx.req.get_headers`` / ``get_uri_args`` / ``get_post_args``:
   at most ``max`` (default 100) lines or arguments are returned, the rest still
   reach the upstream; a bare flag is ``true``, a repeated name a list;
@@ -31,7 +32,7 @@ DEFAULT_BODY_BUFFER = 8192
 UNIQUE_HEADERS = frozenset(("host", "authorization", "content-length", "content-range",
                             "transfer-encoding", "expect", "if-modified-since",
                             "if-unmodified-since", "if-match", "if-none-match", "if-range"))
-_VALID_NAME = re.compile(r"[A-Za-z0-9-]+")
+_VALID_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 Pairs = List[Tuple[str, str]]
 
@@ -77,8 +78,21 @@ class CIMultiDict(collections.abc.Mapping):
         self._items = [(k, v) for k, v in self._items if k.lower() != low]
 
     def _set(self, name: str, values: List[str]) -> None:
-        self._remove(name)
-        self._add(name, values)
+        """ngx.req.set_header: the first existing line keeps its place and its
+        name's case (observed: ``set_headers({"x-a": ["1","2"]})`` on a client's
+        ``X-A`` sends ``X-A: 1`` then ``x-a: 2``); further values are appended."""
+        low = name.lower()
+        at = next((i for i, (k, _) in enumerate(self._items) if k.lower() == low), None)
+        if at is None or not values:
+            self._remove(name)
+            self._add(name, values)
+            return
+        kept = self._items[at][0]
+        self._items = [(k, v) for i, (k, v) in enumerate(self._items)
+                       if i == at or k.lower() != low]
+        at = next(i for i, (k, _) in enumerate(self._items) if k.lower() == low)
+        self._items[at] = (kept, values[0])
+        self._add(name, values[1:])
 
     def _add(self, name: str, values: List[str]) -> None:
         for v in values:
@@ -207,7 +221,7 @@ def search_remove(raw: str, name: str) -> str:
     """lua-resty-ada ``search.remove`` as Kong 3.9's clear_query_arg uses it: the
     query is parsed as URLSearchParams, ``name`` removed, the rest RE-SERIALIZED
     (a bare ``flag`` becomes ``flag=``, every byte but alnum and ``*-._`` is
-    percent-encoded), then Kong turns ``+`` into ``%20``."""
+    percent-encoded, a space is ``+``: observed on 3.9.1, ``e=x+y`` stays ``e=x+y``)."""
     kept = []
     for part in raw.split("&"):
         if part == "":
@@ -216,7 +230,7 @@ def search_remove(raw: str, name: str) -> str:
         key, value = ngx_unescape(k), ngx_unescape(v)
         if key != name:
             kept.append(_form_encode(key) + "=" + _form_encode(value))
-    return "&".join(kept).replace("+", "%20")
+    return "&".join(kept)
 
 
 def parse_multipart(body: bytes, content_type: Optional[str]) -> Optional[Dict[str, Any]]:

@@ -10,10 +10,11 @@ which fails the request with 500.
 """
 
 import json
+import re
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .lua import LuaError, LuaNil, Multi, cjson_encode, cjson_str, is_uuid, lua_number, \
+from .lua import LuaError, LuaNil, Multi, with_cjson_null, cjson_encode, cjson_str, is_uuid, lua_number, \
     lua_tostring, lua_type
 from .nginx import encode_args, mmap_headers, parse_args, parse_multipart, search_remove
 from .state import RequestState
@@ -49,6 +50,33 @@ _ERROR_MESSAGES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden",
                    429: "API rate limit exceeded", 500: "An unexpected error occurred",
                    502: "An invalid response was received from the upstream server",
                    503: "The upstream server is currently unavailable"}
+
+
+_RESERVED = frozenset(b":/?#[]@!$&'()*+,;=%")
+_HEX2 = re.compile(rb"[0-9A-Fa-f]{2}")
+
+
+def normalize_path(path: str) -> str:
+    """kong.tools.uri.normalize as get_path uses it: %XX of a byte that is not
+    reserved becomes the byte itself; reserved ones stay escaped (upper-case)."""
+    raw = path.encode("utf-8", "surrogateescape")
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x25 and _HEX2.fullmatch(raw[i + 1:i + 3]):
+            b = int(raw[i + 1:i + 3], 16)
+            out += (b"%%%02X" % b) if b in _RESERVED else bytes([b])
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
+def escape_header_name(name: str) -> str:
+    """lua-nginx-module escapes control bytes in a header name it sets
+    (observed: ``x-bad\\r\\nx-injected`` goes upstream as ``x-bad%0D%0Ax-injected``)."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: "%%%02X" % ord(m.group()), name)
 
 
 class Exited(Exception):
@@ -148,7 +176,9 @@ class PDK(object):
         return self.s.method
 
     def m_request__get_path(self) -> str:
-        return self.s.path
+        # kong.tools.uri normalize: percent-escapes of unreserved bytes decoded,
+        # reserved ones (%2F...) kept (observed: a%20b%2Fc%C3%A9 -> "a b%2Fcé")
+        return normalize_path(self.s.path)
 
     def m_request__get_raw_path(self) -> str:
         return self.s.path
@@ -160,13 +190,14 @@ class PDK(object):
         return self.s.host()
 
     def m_request__get_port(self) -> int:
-        return 8000
+        return self.s.standin.proxy_port
 
     def m_request__get_scheme(self) -> str:
         return "http"
 
     def m_request__get_http_version(self) -> float:
-        return 1.1
+        # ngx.req.http_version(): 1.1, or 1.0 -- a Lua number, packed as integer 1
+        return {"HTTP/1.0": 1.0, "HTTP/2.0": 2.0}.get(self.s.http_version, 1.1)
 
     m_request__get_forwarded_host = m_request__get_host
     m_request__get_forwarded_port = m_request__get_port
@@ -221,7 +252,7 @@ class PDK(object):
                 v = None
             if not isinstance(v, (dict, list)):
                 return Multi(None, "invalid json body")
-            return v
+            return with_cjson_null(v)
         if ct.startswith("multipart/form-data"):
             if self.s.body_in_file:
                 return Multi(None, _SPOOLED)
@@ -336,10 +367,12 @@ class PDK(object):
 
     # ---- kong.service.request (what goes upstream)
     def m_service__request__set_header(self, header: Any = None, value: Any = None) -> None:
-        self.s.headers._set(header, header_values(header, value, multi=False))
+        vals = header_values(header, value, multi=False)
+        self.s.headers._set(escape_header_name(header), vals)
 
     def m_service__request__add_header(self, header: Any = None, value: Any = None) -> None:
-        self.s.headers._add(header, header_values(header, value, multi=False))
+        vals = header_values(header, value, multi=False)
+        self.s.headers._add(escape_header_name(header), vals)
 
     def m_service__request__clear_header(self, header: Any = None) -> None:
         if not isinstance(header, str):
@@ -351,7 +384,7 @@ class PDK(object):
         staged = [(k, header_values(k, v, multi=True))
                   for k, v in _headers_table(headers, "headers")]
         for k, vals in staged:
-            self.s.headers._set(k, vals)
+            self.s.headers._set(escape_header_name(k), vals)
 
     def m_service__request__set_query(self, args: Any = None) -> None:
         if not isinstance(args, (dict, list)):

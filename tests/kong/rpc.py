@@ -4,8 +4,10 @@ Mirrors kong/runloop/plugin_servers/rpc/mp_rpc.lua (Kong 3.9):
 * ``Rpc:call``: one request ``[0, id, method, [arg]]`` on a pooled Unix-socket
   connection (nginx keepalive), answers ``[1, id, err, result]``, notifications
   ``[2, label, args]`` handled on the way. A failed connect is ``trying to connect``,
-  a connection the server closes or drops is ``no data``, silence longer than the
-  cosocket timeout (60 s by default; Kong sets none) is ``timeout``;
+  a connection the server closes or drops is ``no data``, and so is silence longer
+  than the cosocket timeout (60 s by default; Kong sets none), after which the
+  connection goes BACK to the pool (observed on 3.9.1: the next call on it waits
+  another timeout; an answer arriving while it sits idle makes nginx reset it);
 * lua-MessagePack packing: every Lua string is a msgpack *str* holding whatever
   bytes it holds (non-UTF-8 bytes included), only raw bodies (``fix_raw``) are *bin*;
   multi-maps go through ``fix_mmap`` (every value a list, empty map when empty);
@@ -90,7 +92,10 @@ class Rpc(object):
             except OSError:
                 c.close()
                 continue
-            return c   # unsolicited bytes: the read of the answer will trip on them
+            # bytes on an idle pooled connection (a late answer after a timeout):
+            # nginx resets it (observed: the server gets ECONNRESET) and connects anew
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # The cosocket timeout, per operation, kept by the kernel (SO_RCVTIMEO and
         # SO_SNDTIMEO, the latter also bounding connect) on a blocking socket: no
@@ -123,7 +128,13 @@ class Rpc(object):
                 try:
                     chunk = c.recv(65536)
                 except BlockingIOError:   # SO_RCVTIMEO passed
-                    raise RpcError("timeout")
+                    # Kong logs "no data" and puts the connection back in its pool
+                    # (observed on 3.9.1): the next call on it waits again, and a
+                    # late answer makes nginx reset it (see _get)
+                    with self._lock:
+                        self._pool.append(c)
+                    c = None
+                    raise RpcError("no data")
                 if not chunk:
                     raise RpcError("no data")
                 unpacker.feed(chunk)

@@ -12,8 +12,9 @@ shared/design/kong-plugin-server.md, "The config a plugin instance gets"):
   ``route_id`` / ``service_id`` / ``consumer_id`` when scoped, ``plugin_instance_name``
   when an instance name is set;
 * optional fields without a value are ABSENT; empty arrays and sets are ``[]``
-  (cjson.array_mt), empty maps ``{}``; a REQUIRED record with no value is expanded to
-  its defaults (``handle_missing_field``), an optional one is null, hence absent.
+  (cjson.array_mt), empty maps ``{}``; a record with no value is expanded to its
+  defaults (``handle_missing_field``) unless it is declared ``required = false``,
+  then it is null, hence absent; a record given as ``{}`` gets its defaults.
 """
 
 import copy
@@ -240,8 +241,11 @@ def fill_record(path: str, fields: List[Dict[str, Any]], given: Dict[str, Any]) 
         if name not in given:   # missing (an explicit null stays null: no default)
             if "default" in fdef:
                 value = copy.deepcopy(fdef["default"])
-            elif fdef.get("type") == "record" and fdef.get("required"):
-                value = {}    # handle_missing_field: a required record is expanded
+            elif fdef.get("type") == "record" and fdef.get("required") is not False:
+                # handle_missing_field: a record is expanded to its defaults unless
+                # it says ``required = false`` (observed on 3.9.1: a record with no
+                # ``required`` key arrives filled, a ``required = false`` one absent)
+                value = {}
         if value is None:
             if fdef.get("required"):
                 raise SchemaViolation(fpath, "required field missing")

@@ -31,9 +31,10 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import ThreadingHTTPServer
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .admin import admin_handler
 from .guard import PostFunction
@@ -42,6 +43,7 @@ from .lua import LuaError, lua_str
 from .nginx import (DEFAULT_BODY_BUFFER, CIMultiDict, HeadersIn, drop_invalid_names,
                     duplicate_unique_header, header_pairs, ngx_escape)
 from .pdk import PDK, Exited
+from .proxy import kong_response_head, parse_raw_request, proxied_response_head, upstream_head
 from .result import FailedOpen, Result, Upstream
 from .rpc import Rpc, RpcError, bridge_loop
 from .schema import PluginSchema
@@ -49,7 +51,10 @@ from .state import RequestState
 
 __all__ = ["KongStandIn", "Instance"]
 
-_GENERIC_500 = b'{"message":"An unexpected error occurred"}'
+# Kong's error pages (kong/tools/... error handlers, 3.9): JSON with the request id,
+# text/plain for nginx's own 400s
+_JSON_ERROR = '{\n  "message":"%s",\n  "request_id":"%s"\n}'
+_TEXT_ERROR = "%s\nrequest_id: %s\n"
 
 
 class Instance(object):
@@ -81,7 +86,9 @@ class KongStandIn(object):
     default), ``kong_version`` ("3.9"; "2.8" answers ``nil, err`` with StepError),
     ``client_body_buffer_size`` (8192), ``fail_open`` ("raise" or "record"),
     ``instance_claim_wait`` (10 s), ``respawn`` (worker 0 respawns the server),
-    ``post_function`` (guard chunks), ``socket_name`` (default ``<first plugin>``).
+    ``post_function`` (guard chunks), ``socket_name`` (default ``<first plugin>``),
+    ``upstream_response`` ((status, header pairs, body) the upstream answers; by
+    default 200, no headers, empty body), ``proxy_port`` (Kong's proxy listener).
     As a node's plugin server (node.py): ``plugins_info`` (what its query command
     printed), ``start_cmd`` (run as ``exec <start_cmd>`` through /bin/sh, with only
     ``env``) and ``socket_path`` (its ``pluginserver_<name>_socket``)."""
@@ -93,7 +100,9 @@ class KongStandIn(object):
                  respawn: bool = False, post_function: Optional[Sequence[str]] = None,
                  socket_name: Optional[str] = None, inherit_env: bool = False,
                  plugins_info: Optional[List[Dict[str, Any]]] = None,
-                 start_cmd: Optional[str] = None, socket_path: Optional[str] = None) -> None:
+                 start_cmd: Optional[str] = None, socket_path: Optional[str] = None,
+                 upstream_response: Optional[Tuple[int, Sequence[Tuple[str, str]], bytes]] = None,
+                 proxy_port: int = 8000) -> None:
         if fail_open not in ("raise", "record"):
             raise ValueError("fail_open must be 'raise' or 'record'")
         self.command = list(command)
@@ -109,6 +118,11 @@ class KongStandIn(object):
         self.start_timeout = start_timeout
         self.kong_version = kong_version
         self.step_errors = int(kong_version.split(".")[0]) < 3
+        # nginx's max_headers (default 1000) came with Kong 3.9.3
+        self.max_header_lines: Optional[int] = 1000 if _version(kong_version) >= (3, 9, 3) \
+            else None
+        self.upstream_response = upstream_response
+        self.proxy_port = proxy_port
         self.client_body_buffer_size = client_body_buffer_size
         self.fail_open = fail_open
         self.respawn = respawn
@@ -398,13 +412,24 @@ class KongStandIn(object):
         return self._instances.ids()
 
     # ---- requests
+    def request_raw(self, instance: Instance, raw: bytes, *, client_ip: str = "127.0.0.1",
+                    phase: str = "access") -> Result:
+        """A client's exact bytes (request line, header lines, body) through Kong."""
+        method, target, version, pairs, body = parse_raw_request(raw)
+        return self.request(instance, method, target, headers=pairs, body=body or None,
+                            client_ip=client_ip, phase=phase, version=version,
+                            exact_headers=True)
+
     def request(self, instance: Instance, method: str = "GET", path: str = "/", *,
                 headers: HeadersIn = None, query: Union[None, str, bytes, Dict[str, Any]] = None,
                 body: Union[None, str, bytes] = None, client_ip: str = "127.0.0.1",
                 authenticated: Any = None, authenticated_consumer: Any = None,
-                phase: str = "access", client_cert: Optional[str] = None) -> Result:
+                phase: str = "access", client_cert: Optional[str] = None,
+                version: str = "HTTP/1.1", exact_headers: bool = False) -> Result:
         """One client request through nginx, the plugin and the guard. Headers,
-        query and body may be bytes (non-UTF-8 bytes reach the plugin as they are)."""
+        query and body may be bytes (non-UTF-8 bytes reach the plugin as they are).
+        ``exact_headers``: send the header lines as given (no Host or
+        Content-Length added)."""
         if phase not in self._schema(instance.name).phases:
             raise ValueError("plugin %s has no %s phase" % (instance.name, phase))
         if "?" in path and query is None:
@@ -412,23 +437,41 @@ class KongStandIn(object):
         raw_query = _raw_query(query)
         raw_body = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else (body or b"")
         pairs = header_pairs(headers)
-        if not any(k.lower() == "host" for k, _ in pairs):
-            pairs.insert(0, ("Host", "kong.test"))
-        if raw_body and not any(k.lower() in ("content-length", "transfer-encoding")
-                                for k, _ in pairs):
-            pairs.append(("Content-Length", str(len(raw_body))))
+        if not exact_headers:
+            if not any(k.lower() == "host" for k, _ in pairs):
+                pairs.insert(0, ("Host", "kong.test"))
+            if raw_body and not any(k.lower() in ("content-length", "transfer-encoding")
+                                    for k, _ in pairs):
+                pairs.append(("Content-Length", str(len(raw_body))))
         state = RequestState(standin=self, instance=instance, method=method, path=path,
                              pairs=drop_invalid_names(pairs), raw_query=raw_query,
                              body=raw_body, client_ip=client_ip, credential=authenticated,
                              consumer=authenticated_consumer, phase=phase,
                              body_buffer=self.client_body_buffer_size)
         state.client_cert = client_cert   # PEM chain the client presented over TLS
+        state.http_version = version
         r = state.result
+        r.kong_version = self.kong_version
+        r.http_version = version
+        if self.max_header_lines is not None and len(pairs) > self.max_header_lines:
+            # nginx refuses the request itself (Kong 3.9.3: max_headers 1000)
+            r.kong_logs.append(("info", "client sent too many header lines"))
+            _answer(r, 400, (_TEXT_ERROR % ("Request header or cookie too large",
+                                            state.request_id)).encode(),
+                    "text/plain; charset=utf-8", close=True)
+            return self._finish(state)
         dup = duplicate_unique_header(pairs)
         if dup is not None:
-            # nginx answers before Kong's Lua runs (Kong's error page: JSON)
+            # nginx answers before Kong's Lua runs (Kong's error page: text for a 400)
             r.kong_logs.append(("info", dup))
-            _answer(r, 400, b'{"message":"Bad request"}')
+            _answer(r, 400, (_TEXT_ERROR % ("Bad request", state.request_id)).encode(),
+                    "text/plain; charset=utf-8", close=True)
+            return self._finish(state)
+        if not _valid_utf8(ngx_unescape_path(path)):
+            # Kong's router refuses a path that does not decode to UTF-8: 404
+            r.kong_logs.append(("err", "router returned an error: invalid utf-8 sequence"))
+            _answer(r, 404, (_JSON_ERROR % ("no Route matched with those values",
+                                            state.request_id)).encode())
             return self._finish(state)
         pdk = PDK(state)
         try:
@@ -440,24 +483,37 @@ class KongStandIn(object):
             if phase == "access" and self.post_function is not None:
                 self.post_function.run(state)
         except Exited:
-            pass
+            r.kong_exit = True
         except LuaError as e:
             # the runloop catches the error: 500 with Kong's generic message
             r.kong_logs.append(("err", str(e)))
             r.kong_error = str(e)
-            _answer(r, 500, _GENERIC_500)
+            _answer(r, 500, (_JSON_ERROR % ("An unexpected error occurred",
+                                            state.request_id)).encode())
             state.response_headers = r.response_headers
         r.response_headers = state.response_headers
         return self._finish(state)
 
     def _finish(self, state: RequestState) -> Result:
         r = state.result
+        if r.proxied and self.upstream_response is not None:
+            status, up_headers, up_body = self.upstream_response
+            r.status, r.body = status, up_body
+            r.upstream_response_headers = list(up_headers)
         try:
             r.json = json.loads(r.body.decode("utf-8")) if r.body else None
         except (ValueError, UnicodeDecodeError):
             r.json = None
+        q = ("?" + state.raw_query) if state.raw_query else ""
+        wire = upstream_head(kong_version=self.kong_version, version=r.http_version,
+                             service=self.service, host=state.host(),
+                             path=state.path, client_ip=state.client_ip,
+                             proxy_port=self.proxy_port, request_id=state.request_id,
+                             x_forwarded_for=state.orig_headers.get("x-forwarded-for"),
+                             headers=state.headers.items_all(), body=state.body)
         r.upstream = Upstream(state.upstream_method, state.upstream_path, state.headers,
-                              state.raw_query, state.body)
+                              state.raw_query, state.body, target=state.upstream_path + q,
+                              wire=wire)
         r.consumer = state.consumer
         r.credential = state.credential
         r.ctx_shared = state.ctx_shared
@@ -487,12 +543,35 @@ class KongStandIn(object):
         return err
 
 
-def _answer(r: Result, status: int, body: bytes) -> None:
+def _answer(r: Result, status: int, body: bytes,
+            content_type: str = "application/json; charset=utf-8", close: bool = False) -> None:
     r.status = status
     r.body = body
     r.proxied = False
-    r.response_headers = CIMultiDict([("Content-Type", "application/json; charset=utf-8"),
+    r.connection_close = close
+    r.response_headers = CIMultiDict([("Content-Type", content_type),
                                       ("Content-Length", str(len(body)))])
+
+
+def _version(v: str) -> Tuple[int, ...]:
+    out = []
+    for part in v.split("."):
+        out.append(int(part) if part.isdigit() else 0)
+    return tuple(out + [0] * (3 - len(out)))
+
+
+def _valid_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def ngx_unescape_path(path: str) -> str:
+    """The path as nginx decodes it for the router (%XX, no '+')."""
+    raw = urllib.parse.unquote_to_bytes(path.encode("utf-8", "surrogateescape"))
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _raw_query(query: Union[None, str, bytes, Dict[str, Any]]) -> str:

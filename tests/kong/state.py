@@ -29,6 +29,8 @@ class RequestState(object):
         self.method = method.upper()
         self.path = path
         self.headers = CIMultiDict(pairs)
+        self.orig_headers = CIMultiDict(pairs)
+        self.http_version = "HTTP/1.1"
         self.body = body
         # nginx spooled a body larger than client_body_buffer_size to a file:
         # ngx.req.get_body_data() is then nil
@@ -88,7 +90,7 @@ class RequestState(object):
         q = ("?" + self.raw_query) if self.raw_query else ""
         table = {
             "remote_addr": self.client_ip, "realip_remote_addr": self.client_ip,
-            "remote_port": "54321", "server_port": "8000", "server_addr": "127.0.0.1",
+            "remote_port": "54321", "server_port": str(standin.proxy_port), "server_addr": "127.0.0.1",
             "host": self.host(), "scheme": "http", "request_method": self.method,
             "request_uri": self.path + q, "uri": self.path,
             "args": self.raw_query or None, "is_args": "?" if self.raw_query else "",
