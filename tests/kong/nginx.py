@@ -4,8 +4,8 @@ Mirrors:
 * ngx_http_request.c: a second ``Host``, ``Authorization``, ``Content-Length``,
   ``Content-Range``, ``Transfer-Encoding``, ``Expect`` or ``If-*`` line is answered
   400 before any plugin runs (``ngx_http_process_unique_header_line``; observed on
-  Kong 3.9.1); ``ignore_invalid_headers on`` with ``underscores_in_headers off`` drops
-  header names holding an underscore (or any byte but letters, digits and ``-``);
+  Kong 3.9.1); ``ignore_invalid_headers on`` drops header names holding any byte but letters,
+  digits, ``-`` and (Kong's ``underscores_in_headers on``) ``_``;
 * lua-nginx-module's ``ngx.req.get_headers`` / ``get_uri_args`` / ``get_post_args``:
   at most ``max`` (default 100) lines or arguments are returned, the rest still
   reach the upstream; a bare flag is ``true``, a repeated name a list;
@@ -120,8 +120,11 @@ def duplicate_unique_header(pairs: Pairs) -> Optional[str]:
     return None
 
 
-def drop_invalid_names(pairs: Pairs) -> Pairs:
-    return [(k, v) for k, v in pairs if _VALID_NAME.fullmatch(k)]
+def drop_invalid_names(pairs: Pairs, underscores_in_headers: bool = True) -> Pairs:
+    """Kong's nginx template sets ``underscores_in_headers on``: ``X_Consumer_ID``
+    reaches Kong and the upstream (observed on Kong 3.9.1, hdr_underscore_name)."""
+    return [(k, v) for k, v in pairs
+            if _VALID_NAME.fullmatch(k.replace("_", "-") if underscores_in_headers else k)]
 
 
 def ngx_unescape(s: str) -> str:

@@ -18,7 +18,7 @@ from .lua import LuaError, LuaNil, Multi, cjson_encode, cjson_str, is_uuid, lua_
 from .nginx import encode_args, mmap_headers, parse_args, parse_multipart, search_remove
 from .state import RequestState
 
-__all__ = ["PDK", "Exited", "STEP_METHODS", "MULTI_MAP", "RAW"]
+__all__ = ["PDK", "Exited", "STEP_METHODS", "MULTI_MAP", "RAW", "ADDED", "available"]
 
 # mp_rpc.lua get_step_method / must_fix
 STEP_METHODS = {
@@ -49,6 +49,20 @@ _ERROR_MESSAGES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden",
                    429: "API rate limit exceeded", 500: "An unexpected error occurred",
                    502: "An invalid response was received from the upstream server",
                    503: "The upstream server is currently unavailable"}
+
+
+# PDK functions missing from older Kong lines: the first (major, minor) that has
+# them. Kong 3.4.2 has no clear_query_arg (observed: "could not find pdk method",
+# the event goes on, the argument reaches the upstream); Kong 3.9 has it.
+ADDED = {"kong.service.request.clear_query_arg": (3, 5)}
+
+
+def available(method: str, kong_version: str) -> bool:
+    since = ADDED.get(method)
+    if since is None:
+        return True
+    major, minor = (int(x) for x in (kong_version.split(".") + ["0"])[:2])
+    return (major, minor) >= since
 
 
 class Exited(Exception):
@@ -114,8 +128,8 @@ class PDK(object):
 
     def call(self, method: str, args: List[Any]) -> Any:
         fn = self.TABLE.get(method)
-        if fn is None:
-            return LuaNil
+        if fn is None or not available(method, self.s.standin.kong_version):
+            return LuaNil   # "could not find pdk method": a Step without Data, event goes on
         return fn(self, *args)
 
     # ---- kong.log

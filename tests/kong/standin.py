@@ -395,6 +395,21 @@ class KongStandIn(object):
                 phase: str = "access", client_cert: Optional[str] = None) -> Result:
         """One client request through nginx, the plugin and the guard. Headers,
         query and body may be bytes (non-UTF-8 bytes reach the plugin as they are)."""
+        state = self._client_request(instance, method, path, headers=headers, query=query,
+                                     body=body, client_ip=client_ip,
+                                     authenticated=authenticated,
+                                     authenticated_consumer=authenticated_consumer,
+                                     phase=phase, client_cert=client_cert)
+        if not state.result.proxied:   # nginx answered
+            return self._finish(state)
+        return self._run(state, [(self, instance)])
+
+    def _client_request(self, instance: Instance, method: str, path: str, *,
+                        headers: HeadersIn, query: Union[None, str, bytes, Dict[str, Any]],
+                        body: Union[None, str, bytes], client_ip: str, authenticated: Any,
+                        authenticated_consumer: Any, phase: str,
+                        client_cert: Optional[str]) -> RequestState:
+        """What nginx makes of the client's request (its 400 already answered)."""
         if phase not in self._schema(instance.name).phases:
             raise ValueError("plugin %s has no %s phase" % (instance.name, phase))
         if "?" in path and query is None:
@@ -413,20 +428,27 @@ class KongStandIn(object):
                              consumer=authenticated_consumer, phase=phase,
                              body_buffer=self.client_body_buffer_size)
         state.client_cert = client_cert   # PEM chain the client presented over TLS
-        r = state.result
         dup = duplicate_unique_header(pairs)
         if dup is not None:
             # nginx answers before Kong's Lua runs (Kong's error page: JSON)
-            r.kong_logs.append(("info", dup))
-            _answer(r, 400, b'{"message":"Bad request"}')
-            return self._finish(state)
-        pdk = PDK(state)
+            state.result.kong_logs.append(("info", dup))
+            _answer(state.result, 400, b'{"message":"Bad request"}')
+        return state
+
+    def _run(self, state: RequestState, plugins: Sequence[Any]) -> Result:
+        """The phase's plugins, (KongStandIn, Instance) pairs in Kong's order (each
+        pair's server runs its plugin), then this stand-in's guard."""
+        r = state.result
+        phase = state.phase
         try:
-            err = self._handle_event(instance, phase, state, pdk, retries=3)
-            if err is not None:
-                r.kong_logs.append(("err", err))
-                r.kong_error = err
-                r.failed_open = True
+            for standin, instance in plugins:
+                state.standin, state.instance = standin, instance
+                err = standin._handle_event(instance, phase, state, PDK(state), retries=3)
+                if err is not None:
+                    r.kong_logs.append(("err", err))
+                    r.kong_error = err
+                    r.failed_open = True
+            state.standin, state.instance = self, plugins[0][1]
             if phase == "access" and self.post_function is not None:
                 self.post_function.run(state)
         except Exited:
