@@ -38,10 +38,61 @@ _SPOOF_VALUES = {"evil"}
 _SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|AUTH|_KEY$|^KEY)")
 
 
+# Kong's set_consumer writes these exact spellings for another plugin's consumer.
+_SET_CONSUMER = {"x-consumer-id", "x-consumer-custom-id", "x-consumer-username",
+                 "x-credential-identifier", "x-anonymous-consumer"}
+
+
+def _normalized(name):
+    return name.lower().replace("_", "-")
+
+
+def _owned(instances):
+    """Normalized names of every header our plugins own or forward for these configs."""
+    owned = {"x-anonymous-consumer"}
+    for inst in instances:
+        conf = getattr(inst, "conf", None) or {}
+        owned.update(_normalized(n) for n in (conf.get("forward_headers") or {}))
+        owned.update(_normalized("x-credential-" + c) for c in conf.get("custom_claims_forward") or [])
+        if conf.get("upstream_introspection_jwt_header"):
+            owned.add(_normalized(conf["upstream_introspection_jwt_header"]))
+    return owned
+
+
+def _spoofed(result, instances, other_plugin):
+    """Whether any spelling (case, '-' or '_') of an identity header we own reached
+    the upstream with a value the tests only ever send as a spoof."""
+    up = result.upstream.headers if result.upstream is not None else {}
+    owned = _owned(instances)
+    for name in up:
+        norm = _normalized(name)
+        if not (norm.startswith(("x-consumer-", "x-credential-")) or norm in owned):
+            continue
+        if other_plugin and name.lower() in _SET_CONSUMER:
+            continue   # the other plugin's consumer headers are its own
+        if any(v in _SPOOF_VALUES for v in up.getall(name)):
+            return True
+    return False
+
+
+def _tally(result, instances, kwargs):
+    _TALLY["requests"] += 1
+    if result.proxied:
+        _TALLY["proxied"] += 1
+        if result.passed_unauthenticated:
+            _TALLY["passed unauthenticated"] += 1
+        other_plugin = kwargs.get("authenticated") or kwargs.get("authenticated_consumer")
+        if _spoofed(result, instances, other_plugin):
+            _TALLY["spoofed identity"] += 1
+    if result.logs:
+        _LOGS.append(("kong.log", "\n".join(m for _, m in result.logs)))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _collect_logs():
-    from kong import standin
+    from kong import chain, standin
     close, request = standin.KongStandIn.close, standin.KongStandIn.request
+    chained = chain.Chain.request
 
     def closing(self):
         try:
@@ -49,27 +100,27 @@ def _collect_logs():
         finally:
             close(self)
 
+    def ours(standin_):
+        return any("kong-oauth2-introspection" in str(part) for part in standin_.command)
+
     def requesting(self, *args, **kwargs):
         result = request(self, *args, **kwargs)
-        if not any("kong-oauth2-introspection" in str(part) for part in self.command):
+        if not ours(self):
             return result  # a probe or floor plugin (some show kong-pdk failing open)
-        _TALLY["requests"] += 1
-        if result.proxied:
-            _TALLY["proxied"] += 1
-            if result.passed_unauthenticated:
-                _TALLY["passed unauthenticated"] += 1
-            up = result.upstream.headers if result.upstream is not None else {}
-            # (With another plugin's credential, its consumer headers are its own.)
-            other_plugin = kwargs.get("authenticated") or kwargs.get("authenticated_consumer")
-            if not other_plugin and any(v in _SPOOF_VALUES for k in up for v in up.getall(k)
-                   if k.lower().startswith(("x-consumer-", "x-credential-"))):
-                _TALLY["spoofed identity"] += 1
-        if result.logs:
-            _LOGS.append(("kong.log", "\n".join(m for _, m in result.logs)))
+        instance = args[0] if args else kwargs.get("instance")
+        _tally(result, [instance], kwargs)
+        return result
+
+    def chaining(self, *args, **kwargs):
+        result = chained(self, *args, **kwargs)
+        if any(ours(s) for s, _ in self.pairs):
+            _tally(result, [i for _, i in self.pairs], kwargs)
         return result
     standin.KongStandIn.close, standin.KongStandIn.request = closing, requesting
+    chain.Chain.request = chaining
     yield
     standin.KongStandIn.close, standin.KongStandIn.request = close, request
+    chain.Chain.request = chained
 
 
 def _test_secrets():

@@ -109,6 +109,8 @@ class FakeKong:
             (status, body, headers or {}))
         self.client.authenticate = lambda consumer, credential: self.authenticated.append(
             (consumer, credential))
+        # Nobody authenticated before this plugin (Kong 3.x: nil).
+        self.client.get_credential = self.client.get_consumer = lambda: None
         for level in ("err", "warn", "notice", "info", "debug"):
             setattr(self.log, level, lambda *a, level=level: self.logs.append((level, a)))
         self.log.set_serialize_value = self.serialize.__setitem__

@@ -40,26 +40,55 @@ OWNED = {"X-Consumer-ID", "X-Consumer-Custom-ID", "X-Consumer-Username", "X-Anon
          "X-Credential-tenant-id", "X-Group", "X-Name", "X-None"}
 
 
-def test_every_owned_header_is_set_or_cleared_whatever_the_client_sent():
+def every_spelling(name):
+    """Written out independently of the plugin: each '-' or '_' either way, lower case."""
+    out = [""]
+    for ch in name.lower():
+        out = [o + c for o in out for c in (("-", "_") if ch in "-_" else (ch,))]
+    return set(out)
+
+
+def cleared_names(table):
+    return {k for k, v in table.items() if v == []}
+
+
+def test_every_owned_header_is_set_or_cleared_in_every_spelling_whatever_the_client_sent():
     plan = IdentityHeaders(CONF)
-    # Nothing seen of the client's headers (Kong's read is capped): all cleared anyway.
-    assert plan.table({}, {}) == {name: [] for name in OWNED}
+    # Nothing seen of the client's headers (Kong's read is capped): all cleared anyway,
+    # each in every spelling a client can send (Kong keeps X_Consumer_ID as sent).
+    table = plan.table({}, {})
+    assert {k.lower() for k in cleared_names(table)} == \
+        set().union(*(every_spelling(n) for n in OWNED))
+    assert OWNED <= set(table)   # the spelling the plugin sets, as it sets it
+    assert len({k.lower() for k in table}) == len(table)   # no header named twice
+    assert len(table) == 86 == sum(2 ** n.count("-") for n in OWNED)   # 2^n each
     incoming = {"x-consumer-username": ["root"], "x-credential-scope": ["admin"],
-                "x-credential-other": ["x"], "x-group": ["admin"], "accept": ["*/*"]}
-    table = plan.table(incoming, {"X-Credential-Scope": "read", "x-group": "ops"},
+                "x-credential-other": ["x"], "x_credential_other2": ["x"],
+                "x-consumer_groups": ["admin"], "x-group": ["admin"], "accept": ["*/*"]}
+    table = plan.table(incoming, {"X-Credential-Scope": "read", "x_group": "ops"},
                        remove=["Authorization"])
     assert table["X-Credential-Scope"] == "read" and table["X-Group"] == "ops"
+    assert table["x_credential-scope"] == [] and table["x_group"] == []
     assert table["x-credential-other"] == [] and table["authorization"] == []
+    assert table["x_credential_other2"] == [] and table["x-consumer_groups"] == []
     assert "accept" not in table and "x-group" not in table
-    assert {k for k, v in table.items() if v == []} == (OWNED - {"X-Credential-Scope", "X-Group"}
-                                                        | {"x-credential-other", "authorization"})
+    assert len({k.lower() for k in table}) == len(table)
 
 
-def test_logical_or_clears_only_what_no_other_plugin_sets():
-    table = IdentityHeaders(CONF).extras_table({"x-credential-other": ["x"],
-                                                "x-consumer-id": ["other-plugin"]})
-    assert "X-Consumer-ID" not in table and "X-Credential-Identifier" not in table
+def test_logical_or_clears_all_but_the_spellings_set_consumer_writes():
+    incoming = {"x-credential-other": ["x"], "x-consumer-id": ["other-plugin"],
+                "x_consumer_id": ["evil"], "x-consumer-groups": ["evil"],
+                "x-anonymous_consumer": ["evil"]}
+    table = IdentityHeaders(CONF).extras_table(incoming)
+    kept = {"x-consumer-id", "x-consumer-custom-id", "x-consumer-username",
+            "x-credential-identifier", "x-anonymous-consumer"}
+    assert not kept & {k.lower() for k in table}
     assert table["X-Credential-Scope"] == [] and table["x-credential-other"] == []
+    assert table["x_consumer_id"] == [] and table["x-consumer-groups"] == []
+    assert table["x-anonymous_consumer"] == [] and table["x_credential_identifier"] == []
+    assert {k.lower() for k in cleared_names(table)} == \
+        set().union(*(every_spelling(n) for n in OWNED)) - kept | {"x-credential-other",
+                                                                  "x-consumer-groups"}
 
 
 def test_consumer_headers():

@@ -69,8 +69,8 @@ def dump(argv: List[str]) -> int:
 
 
 def docs(argv: List[str]) -> int:
-    from .plugins import ALL
-    names = [cls.NAME for cls in ALL]
+    from .plugins import NAMES
+    names = list(NAMES)
     parser = argparse.ArgumentParser(
         prog=f"{PROG} docs",
         description="Print each plugin's option table (Markdown), generated from its schema.")

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from . import claims as claims_language
 from . import resource_metadata as metadata
-from . import schema
+from . import schema, spellings
 from .client_auth import ClientAuth, ClientAuthError
 from .httpclient import TLS
 from .requirements import Requirements, any_of
@@ -190,6 +190,15 @@ class Config:
             raise ConfigError("config.resource_metadata." + err.field, str(err)) from None
 
         claims_forward = tuple(c["custom_claims_forward"])
+        # Each header we set is cleared in all 2^n spellings of its n separators.
+        for where, names in (("config.forward_headers", [n for n, _ in forward]),
+                             ("config.custom_claims_forward",
+                              ["X-Credential-" + n.replace("_", "-") for n in claims_forward]),
+                             ("config.upstream_introspection_jwt_header",
+                              [jwt_header] if jwt_header else [])):
+            for name in spellings.too_long(names):
+                raise ConfigError(where, "%r has more than %d '-' or '_' separators"
+                                  % (name, spellings.MAX_SEPARATORS))
         owned = {"x-consumer-id", "x-consumer-custom-id", "x-consumer-username",
                  "x-anonymous-consumer"}
         owned.update(name.lower() for name, _ in forward)

@@ -42,7 +42,10 @@ from .server.instances import PluginInstance, Unusable
 from .server.registry import Registry
 from .store import RedisStore
 from .tokens import Found, MalformedToken, TokenFinder, without_cookie
-from .upstream import IdentityHeaders, consumer_headers, credential_headers, header_value
+from .client_credentials import NAME as CLIENT_CREDENTIALS
+from .spellings import normalized
+from .upstream import IdentityHeaders, consumer_headers, credential_headers, header_value, \
+    identity_like
 
 LOG_PREFIX = NAME + ": "
 
@@ -170,11 +173,20 @@ def _error(kong, reason: str, detail: str, scope: Optional[str],
     _exit(kong, responses.SERVER_ERROR)
 
 
+def _pdk_read(call) -> Any:
+    try:
+        return call()
+    except PDKException:   # Kong 2.8 raises what 3.x returns as nil
+        return None
+
+
 class _Access:
     """One request through the plugin."""
 
     found: Optional[Found] = None
     dpop_scheme = False   # the token came as "Authorization: DPoP"
+    prior: Any = None     # the credential on the request before us, once asked
+    asked = False
 
     def __init__(self, runtime: Runtime, kong, scope: Optional[str] = None):
         self.rt = runtime
@@ -210,10 +222,11 @@ class _Access:
                 # The one pass without authentication (the guard knows it too).
                 metrics.decision(metrics.PASSED, "preflight")
                 return kong.service.request.set_headers(self.rt.headers.table(req.headers, {}))
-            if conf.anonymous and kong.client.get_credential():
+            if conf.anonymous and self.prior_credential():
                 # Another authentication plugin already succeeded: logical OR.
                 metrics.decision(metrics.PASSED, "other_credential")
-                return kong.service.request.set_headers(self.rt.headers.extras_table(req.headers))
+                return kong.service.request.set_headers(self.rt.headers.extras_table(
+                    req.headers, keep_identity_like=self.after_client_credentials()))
             if self.rt.dpop is not None:
                 self.found = dpop.find_token(req)
                 self.dpop_scheme = self.found is not None
@@ -359,6 +372,20 @@ class _Access:
             extra["X-Request-Http-Method"] = wire(req.method)
         return extra
 
+    def prior_credential(self) -> Any:
+        """``kong.client.get_credential()`` as it stood before us, asked at most once."""
+        if not self.asked:
+            self.asked = True
+            self.prior = _pdk_read(self.kong.client.get_credential)
+        return self.prior
+
+    def after_client_credentials(self) -> bool:
+        """oauth2-client-credentials let this request through before us (Kong Enterprise's
+        dynamic ordering): the Authorization and X-Consumer-*/X-Credential-* headers are
+        its own (it removed the client's copies in every spelling)."""
+        prior = self.prior_credential()
+        return isinstance(prior, dict) and prior.get(MARK) == CLIENT_CREDENTIALS
+
     def refuse(self, refusal: Refusal, reason: str, detail: str = "") -> None:
         """A failed authentication: ``refusal``, or the anonymous consumer."""
         conf, kong = self.conf, self.kong
@@ -388,10 +415,29 @@ class _Access:
             values = dict(values, Cookie=rest) if rest else values
             if not rest:
                 remove.append("cookie")
-        kong.service.request.set_headers(self.rt.headers.table(req.headers, values, remove))
+        # Headers another of our plugins set before us are not the client's: ask
+        # Kong who authenticated (one round trip) only when we would remove one.
+        display = self.rt.headers.display
+        if (any(n.lower() == "authorization" for n in remove) or any(identity_like(n) and normalized(n) not in display
+                                             for n in req.headers)) \
+                and self.after_client_credentials():
+            remove = [n for n in remove if n.lower() != "authorization"]
+            keep = True
+        else:
+            keep = False
+        kong.service.request.set_headers(self.rt.headers.table(req.headers, values, remove,
+                                                               keep_identity_like=keep))
         if found is not None and found.where == "query":
             # Removes every copy of that one argument; the others, seen or not, stay.
-            kong.service.request.clear_query_arg(found.name)
+            # Every copy of that one argument goes, the rest byte for byte: the raw
+            # query is uncapped, and clear_query_arg is not on Kong 3.4.
+            raw = _pdk_read(kong.request.get_raw_query)
+            if isinstance(raw, str) and raw:
+                rest_query = body.without_field(raw.encode("utf-8", "surrogateescape"),
+                                                body.FORM, found.name)
+                if rest_query is not None:
+                    kong.service.request.set_raw_query(
+                        rest_query.decode("utf-8", "surrogateescape"))
         elif found is not None and found.where == "body":
             raw = req.raw_body
             rest_body = body.without_field(raw, req.header("content-type"), found.name) \

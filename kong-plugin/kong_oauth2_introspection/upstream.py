@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterable, List, Union
 
 from .claims import MISSING, resolve
 from .config import Config
+from .spellings import normalized, others
 
 # (header, claim) pairs the Enterprise plugin sends, in its order.
 CREDENTIAL_HEADERS = (
@@ -91,18 +92,25 @@ def credential_headers(conf: Config, claims: Dict[str, Any]) -> Dict[str, str]:
 
 CONSUMER_HEADERS = ("X-Consumer-ID", "X-Consumer-Custom-ID", "X-Consumer-Username",
                     "X-Anonymous-Consumer")
-# Set by whichever authentication plugin identified the caller (Kong's own
-# set_consumer does): on the logical-OR path they belong to that plugin.
-_SHARED = frozenset(n.lower() for n in CONSUMER_HEADERS + ("X-Credential-Identifier",))
+# Set (or cleared) by Kong's own set_consumer (key-auth, basic-auth, ...) for
+# the consumer another plugin identified, in exactly these spellings: on the
+# logical-OR path they are that plugin's. Every other spelling stays ours.
+SHARED = frozenset(n.lower() for n in CONSUMER_HEADERS + ("X-Credential-Identifier",))
+
+
+def identity_like(name: str) -> bool:
+    """A header an upstream may take for an identity header, in any spelling."""
+    return normalized(name).startswith(_SPOOFABLE_PREFIXES)
 
 
 class IdentityHeaders:
-    """Every header one config owns, set or cleared on every path that lets a
-    request through, whatever the plugin saw of the client's headers (Kong's read
-    is capped; a header we did not see must still not reach the upstream).
+    """Every header one config owns, set or cleared in every spelling (case, ``-``
+    or ``_`` at each separator) on every path that lets a request through,
+    whatever the plugin saw of the client's headers.
 
     Built once per config; ``table`` makes the one ``set_headers`` argument of a
-    request. An empty list removes a header.
+    request. An empty list removes a header; no two keys of a table name the same
+    header (nginx matches names case-insensitively, ``-`` and ``_`` exactly).
     """
 
     def __init__(self, conf: Config):
@@ -111,38 +119,46 @@ class IdentityHeaders:
         names += [h for h, _ in conf.forward_headers]
         if conf.upstream_introspection_jwt_header:   # RFC 9701 phantom token
             names.append(conf.upstream_introspection_jwt_header)
+        # normalized name -> the spelling this plugin sets
         self.display: Dict[str, str] = {}
         for name in names:
-            self.display.setdefault(name.lower(), name)
-        self.cleared: HeaderTable = {name: [] for name in self.display.values()}
-        # The logical-OR path: another plugin authenticated; clear only what no
-        # other plugin sets, so our stale or spoofed extras never pass.
-        self.cleared_extras: HeaderTable = {name: [] for low, name in self.display.items()
-                                            if low not in _SHARED}
+            self.display.setdefault(normalized(name), name)
+        self.cleared: HeaderTable = {}
+        for name in self.display.values():
+            self.cleared[name] = []
+            for spelling in others(name):
+                self.cleared[spelling] = []
+        # The logical-OR path: another plugin authenticated; clear all but the
+        # exact spellings Kong's set_consumer wrote for it.
+        self.cleared_extras: HeaderTable = {name: [] for name in self.cleared
+                                            if name.lower() not in SHARED}
 
     def table(self, incoming: Iterable[str], values: Dict[str, str],
-              remove: Iterable[str] = ()) -> HeaderTable:
+              remove: Iterable[str] = (), keep_identity_like: bool = False) -> HeaderTable:
         """Clear every owned header, set ``values``, remove ``remove``, and remove
-        any X-Consumer-*/X-Credential-* the client sent that we do not set."""
+        any other X-Consumer-*/X-Credential-* (any spelling) the client sent,
+        unless ``keep_identity_like`` (another of our plugins set those)."""
         table: HeaderTable = dict(self.cleared)
         display = self.display
         for name, value in values.items():
-            table[display.get(name.lower(), name)] = value
-        for name in incoming:
-            if name.startswith(_SPOOFABLE_PREFIXES) and name not in display:
-                table[name] = []
+            table[display.get(normalized(name), name)] = value
+        if not keep_identity_like:
+            for name in incoming:
+                if identity_like(name) and normalized(name) not in display:
+                    table[name] = []
         for name in remove:
-            lower = name.lower()
-            if lower not in display:
-                table[lower] = []
+            if normalized(name) not in display:
+                table[name.lower()] = []
         return table
 
-    def extras_table(self, incoming: Iterable[str]) -> HeaderTable:
-        """The logical-OR path: clear what no other plugin sets, and any
-        X-Credential-* the client sent (except the shared Identifier)."""
+    def extras_table(self, incoming: Iterable[str],
+                     keep_identity_like: bool = False) -> HeaderTable:
+        """The logical-OR path: clear what set_consumer did not set, and any
+        X-Consumer-*/X-Credential-* the client sent in another spelling or name."""
         table: HeaderTable = dict(self.cleared_extras)
-        for name in incoming:
-            if name.startswith("x-credential-") and name not in _SHARED \
-                    and name not in self.display:
-                table[name] = []
+        if not keep_identity_like:
+            for name in incoming:
+                if identity_like(name) and name not in SHARED \
+                        and normalized(name) not in self.display:
+                    table[name] = []
         return table

@@ -134,8 +134,11 @@ def duplicate_unique_header(pairs: Pairs) -> Optional[str]:
     return None
 
 
-def drop_invalid_names(pairs: Pairs) -> Pairs:
-    return [(k, v) for k, v in pairs if _VALID_NAME.fullmatch(k)]
+def drop_invalid_names(pairs: Pairs, underscores_in_headers: bool = True) -> Pairs:
+    """Kong's nginx template sets ``underscores_in_headers on``: ``X_Consumer_ID``
+    reaches Kong and the upstream (observed on Kong 3.9.1, hdr_underscore_name)."""
+    return [(k, v) for k, v in pairs
+            if _VALID_NAME.fullmatch(k.replace("_", "-") if underscores_in_headers else k)]
 
 
 def ngx_unescape(s: str) -> str:

@@ -19,7 +19,7 @@ from .lua import LuaError, LuaNil, Multi, with_cjson_null, cjson_encode, cjson_s
 from .nginx import encode_args, mmap_headers, parse_args, parse_multipart, search_remove
 from .state import RequestState
 
-__all__ = ["PDK", "Exited", "STEP_METHODS", "MULTI_MAP", "RAW"]
+__all__ = ["PDK", "Exited", "STEP_METHODS", "MULTI_MAP", "RAW", "ADDED", "available"]
 
 # mp_rpc.lua get_step_method / must_fix
 STEP_METHODS = {
@@ -77,6 +77,20 @@ def escape_header_name(name: str) -> str:
     """lua-nginx-module escapes control bytes in a header name it sets
     (observed: ``x-bad\\r\\nx-injected`` goes upstream as ``x-bad%0D%0Ax-injected``)."""
     return re.sub(r"[\x00-\x1f\x7f]", lambda m: "%%%02X" % ord(m.group()), name)
+
+
+# PDK functions missing from older Kong lines: the first (major, minor) that has
+# them. Kong 3.4.2 has no clear_query_arg (observed: "could not find pdk method",
+# the event goes on, the argument reaches the upstream); Kong 3.9 has it.
+ADDED = {"kong.service.request.clear_query_arg": (3, 5)}
+
+
+def available(method: str, kong_version: str) -> bool:
+    since = ADDED.get(method)
+    if since is None:
+        return True
+    major, minor = (int(x) for x in (kong_version.split(".") + ["0"])[:2])
+    return (major, minor) >= since
 
 
 class Exited(Exception):
@@ -142,8 +156,8 @@ class PDK(object):
 
     def call(self, method: str, args: List[Any]) -> Any:
         fn = self.TABLE.get(method)
-        if fn is None:
-            return LuaNil
+        if fn is None or not available(method, self.s.standin.kong_version):
+            return LuaNil   # "could not find pdk method": a Step without Data, event goes on
         return fn(self, *args)
 
     # ---- kong.log

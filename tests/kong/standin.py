@@ -430,6 +430,24 @@ class KongStandIn(object):
         query and body may be bytes (non-UTF-8 bytes reach the plugin as they are).
         ``exact_headers``: send the header lines as given (no Host or
         Content-Length added)."""
+        state = self._client_request(instance, method, path, headers=headers, query=query,
+                                     body=body, client_ip=client_ip,
+                                     authenticated=authenticated,
+                                     authenticated_consumer=authenticated_consumer,
+                                     phase=phase, client_cert=client_cert,
+                                     version=version, exact_headers=exact_headers)
+        if not state.result.proxied:   # nginx or the router answered
+            return self._finish(state)
+        return self._run(state, [(self, instance)])
+
+    def _client_request(self, instance: Instance, method: str, path: str, *,
+                        headers: HeadersIn, query: Union[None, str, bytes, Dict[str, Any]],
+                        body: Union[None, str, bytes], client_ip: str, authenticated: Any,
+                        authenticated_consumer: Any, phase: str,
+                        client_cert: Optional[str], version: str = "HTTP/1.1",
+                        exact_headers: bool = False) -> RequestState:
+        """What nginx and the router make of the client's request (their answer, if
+        they gave one, already in ``state.result``)."""
         if phase not in self._schema(instance.name).phases:
             raise ValueError("plugin %s has no %s phase" % (instance.name, phase))
         if "?" in path and query is None:
@@ -459,27 +477,35 @@ class KongStandIn(object):
             _answer(r, 400, (_TEXT_ERROR % ("Request header or cookie too large",
                                             state.request_id)).encode(),
                     "text/plain; charset=utf-8", close=True)
-            return self._finish(state)
+            return state
         dup = duplicate_unique_header(pairs)
         if dup is not None:
             # nginx answers before Kong's Lua runs (Kong's error page: text for a 400)
             r.kong_logs.append(("info", dup))
             _answer(r, 400, (_TEXT_ERROR % ("Bad request", state.request_id)).encode(),
                     "text/plain; charset=utf-8", close=True)
-            return self._finish(state)
+            return state
         if not _valid_utf8(ngx_unescape_path(path)):
             # Kong's router refuses a path that does not decode to UTF-8: 404
             r.kong_logs.append(("err", "router returned an error: invalid utf-8 sequence"))
             _answer(r, 404, (_JSON_ERROR % ("no Route matched with those values",
                                             state.request_id)).encode())
-            return self._finish(state)
-        pdk = PDK(state)
+        return state
+
+    def _run(self, state: RequestState, plugins: Sequence[Any]) -> Result:
+        """The phase's plugins, (KongStandIn, Instance) pairs in Kong's order (each
+        pair's server runs its plugin), then this stand-in's guard."""
+        r = state.result
+        phase = state.phase
         try:
-            err = self._handle_event(instance, phase, state, pdk, retries=3)
-            if err is not None:
-                r.kong_logs.append(("err", err))
-                r.kong_error = err
-                r.failed_open = True
+            for standin, instance in plugins:
+                state.standin, state.instance = standin, instance
+                err = standin._handle_event(instance, phase, state, PDK(state), retries=3)
+                if err is not None:
+                    r.kong_logs.append(("err", err))
+                    r.kong_error = err
+                    r.failed_open = True
+            state.standin, state.instance = self, plugins[0][1]
             if phase == "access" and self.post_function is not None:
                 self.post_function.run(state)
         except Exited:

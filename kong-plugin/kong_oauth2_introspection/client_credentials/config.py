@@ -6,7 +6,7 @@ from typing import Any, Dict, FrozenSet, Optional, Tuple
 from urllib.parse import urlsplit
 
 from .. import claims as claims_language
-from .. import schema
+from .. import schema, spellings
 from ..httpclient import TLS
 
 SCHEMA = schema.load("oauth2-client-credentials")
@@ -41,6 +41,9 @@ class Config:
     store_secret: Optional[str] = field(default=None, repr=False)
     # Lower-case names of the headers this plugin writes upstream.
     owned_headers: FrozenSet[str] = _ALWAYS_OWNED
+    # Every other spelling (``-``/``_``, case) of those headers, each mapped to []:
+    # a set_headers table that, with the values set, reaches every copy a caller sends.
+    cleared: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def fixed_client(self) -> bool:
@@ -76,12 +79,15 @@ class Config:
         for name, path in sorted(c["forward_headers"].items()):
             if not _HEADER_NAME.match(name):
                 raise ConfigError("config.forward_headers: not a valid header name: %r" % name)
-            if name.lower() in _ALWAYS_OWNED or name.lower() in seen:
+            if name.lower() in _ALWAYS_OWNED or spellings.normalized(name) in seen:
                 # The upstream's Authorization is the token; a header named twice
-                # (in two cases) would go upstream twice.
+                # (in two cases, or with "-" and "_") would go upstream twice.
                 raise ConfigError("config.forward_headers: %r cannot be set from a claim"
                                   % name)
-            seen.add(name.lower())
+            if spellings.separators(name) > spellings.MAX_SEPARATORS:
+                raise ConfigError("config.forward_headers: %r has more than %d '-' or '_' "
+                                  "separators" % (name, spellings.MAX_SEPARATORS))
+            seen.add(spellings.normalized(name))
             forward.append((name, _path("config.forward_headers." + name, path)))
         username_claim = (_path("config.username_claim", c["username_claim"])
                           if c["username_claim"] else None)
@@ -108,6 +114,8 @@ class Config:
             tls=tls, timeout=float(cc["timeout_seconds"]), max_retries=int(cc["max_retries"]),
             store=store, store_secret=secret, owned_headers=frozenset(owned),
             refusal_log_level=c["refusal_log_level"],
+            cleared={s: [] for n in ["Authorization"] + [n for n, _ in forward]
+                     for s in spellings.others(n)},
         )
 
 

@@ -13,10 +13,11 @@ import base64
 import binascii
 import hashlib
 import hmac
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Union
 
 from kong_pdk.exception import PDKException
 
+from .. import NAME as INTROSPECTION
 from .. import refusals, responses
 from ..claims import MISSING, resolve
 from ..concurrency import Deadline, DeadlineExceeded, blocking, current_deadline, deadline_scope
@@ -26,7 +27,8 @@ from ..responses import Refusal
 from ..server.instances import PluginInstance, Unusable
 from ..server.registry import Registry
 from ..store import RedisStore
-from ..upstream import header_value, uuid_shaped
+from ..spellings import normalized
+from ..upstream import SHARED, header_value, identity_like, uuid_shaped
 from . import NAME, PRIORITY, VERSION
 from .authserver import AuthServer, ClientRejected, Credentials, ServerError
 from .config import SCHEMA, Config, ConfigError
@@ -35,7 +37,6 @@ from .verify import TokenInvalid, Verifier
 
 LOG_PREFIX = NAME + ": "
 MAX_HEADERS = 1000                   # Kong's ceiling for get_headers
-_SPOOFABLE = ("x-consumer-", "x-credential-")
 _BASIC_REALM = 'Basic realm="service", charset="UTF-8"'
 
 MISSING_CREDENTIALS = Refusal(401, {"error": "invalid_client",
@@ -230,16 +231,29 @@ def _access(rt: Runtime, kong: Any, refuse: _Refuse) -> None:
     if conf.claims is not None and not conf.claims.evaluate(claims):
         return refuse(CLAIMS_FORBIDDEN, "claims_failed", str(conf.claims))
 
-    upstream: HeaderTable = {"Authorization": "Bearer " + token.value}
+    upstream: HeaderTable = dict(conf.cleared)   # every other spelling of what we set
+    upstream["Authorization"] = "Bearer " + token.value
     for name, path in conf.forward_headers:
         # Traefik's rule: a claim that is not there still gives the header, empty.
         value = resolve(claims, path)
         upstream[name] = "" if value is MISSING else header_value(value)
-    ours = {name.lower() for name in upstream}
-    for name in headers:   # identity headers the caller sent itself never get through
-        if name not in ours and (name.startswith(_SPOOFABLE) or name in conf.owned_headers):
-            upstream[name] = []
+    ours = {normalized(name) for name in upstream}
+    spoofable = [n for n in headers if identity_like(n) and normalized(n) not in ours]
+    before = _before_us(kong) if spoofable else _Before(None, None)
+    if before.introspected:
+        # oauth2-introspection let this request through before us: those headers
+        # are its own (it removed the client's copies in every spelling).
+        spoofable = []
+    elif before.consumer is not None or before.credential is not None:
+        # Another plugin's set_consumer wrote these spellings for its consumer.
+        spoofable = [n for n in spoofable if n not in SHARED]
+    for name in spoofable:   # identity headers the caller sent itself never get through
+        upstream[name] = []
     kong.service.request.set_headers(upstream)
+    if before.introspected:
+        # Its consumer and credential stay: the request is authenticated (the guard
+        # sees our mark), and consumer-scoped plugins see who the caller is.
+        return
 
     # MARK: what the Kong-side guard looks for
     credential: Dict[str, Any] = {"id": rt.credential_id(creds.client_id), MARK: NAME}
@@ -248,4 +262,33 @@ def _access(rt: Runtime, kong: Any, refuse: _Refuse) -> None:
         if name is not MISSING and name is not None:
             credential["username"] = header_value(name)
             kong.log.set_serialize_value("authenticated_entity.username", credential["username"])
-    kong.client.authenticate(None, credential)
+    kong.client.authenticate(before.consumer, credential)
+
+
+class _Before(NamedTuple):
+    consumer: Any
+    credential: Any
+
+    @property
+    def introspected(self) -> bool:
+        return isinstance(self.credential, dict) and self.credential.get(MARK) == INTROSPECTION
+
+
+def _read(call: Any) -> Any:
+    try:
+        value = call()
+    except PDKException:   # Kong 2.8 raises what 3.x returns as nil
+        return None
+    return value if isinstance(value, dict) and value else None
+
+
+def _before_us(kong: Any) -> _Before:
+    """Who authenticated this request before us. Asked only when the headers hold
+    identity headers we do not set: one round trip (two for a consumer without a
+    credential, the anonymous one), and none when another plugin decided nothing."""
+    credential = _read(kong.client.get_credential)
+    if credential is not None:
+        if credential.get(MARK) == INTROSPECTION:
+            return _Before(None, credential)
+    consumer = _read(kong.client.get_consumer)
+    return _Before(consumer, credential)
