@@ -30,8 +30,10 @@ def auth():
 @pytest.fixture(scope="module")
 def two_nodes():
     guard = [render(True)]
-    with KongStandIn(plugin_command(), post_function=guard) as a, \
-            KongStandIn(plugin_command(), post_function=guard) as b:
+    # one plugin per plugin server, as Kong 3.9 registers them
+    command = plugin_command() + ["serve", "--plugin", NAME]
+    with KongStandIn(command, post_function=guard) as a, \
+            KongStandIn(command, post_function=guard) as b:
         yield a, b
 
 
@@ -67,10 +69,11 @@ def claims_of(auth_server, token, audience=API):
                       issuer=auth_server.issuer)
 
 
-def test_both_plugins_load_from_one_install(kong):
-    by_name = {p["Name"]: p for p in kong.plugins_info}
-    assert set(by_name) == {"oauth2-introspection", NAME}
-    assert by_name[NAME]["Priority"] == 1150 and by_name[NAME]["Phases"] == ["access"]
+def test_the_server_declares_only_its_own_plugin(kong):
+    # Kong 3.9 registers the first entry of a query command's list, so it is the only one
+    assert [p["Name"] for p in kong.plugins_info] == [NAME]
+    assert kong.plugins_info[0]["Priority"] == 1150
+    assert kong.plugins_info[0]["Phases"] == ["access"]
 
 
 def test_caller_credentials_exchanged_for_a_verified_token(kong, auth):

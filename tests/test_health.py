@@ -2,6 +2,7 @@
 Kong stand-in), and the ``health`` subcommand through its real entry point, with
 the real authorization server and a real Redis (and a dead port for each)."""
 
+import contextlib
 import json
 import re
 import subprocess
@@ -25,9 +26,9 @@ def run_health(*args):
                           text=True, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def server():
-    with KongStandIn(plugin_command() + ["serve", "--metrics-port", "0"]) as standin:
+@contextlib.contextmanager
+def _server_with_health(*plugin):
+    with KongStandIn(plugin_command() + ["serve", *plugin, "--metrics-port", "0"]) as standin:
         until = time.monotonic() + 10
         while time.monotonic() < until:
             found = re.search(r"metrics: (http://127\.0\.0\.1:\d+)/metrics", standin.server_log())
@@ -37,6 +38,19 @@ def server():
             time.sleep(0.05)
         else:
             raise AssertionError(standin.server_log())
+        yield standin
+
+
+@pytest.fixture(scope="module")
+def server():
+    with _server_with_health() as standin:
+        yield standin
+
+
+@pytest.fixture(scope="module")
+def cc_server():
+    # one plugin per plugin server: the client-credentials plugin has its own
+    with _server_with_health("--plugin", "oauth2-client-credentials") as standin:
         yield standin
 
 
@@ -121,7 +135,8 @@ def test_idp_down_is_unhealthy(server):
     assert down["redis"] is None
 
 
-def test_client_credentials_configs(server, auth_server):
+def test_client_credentials_configs(cc_server, auth_server):
+    server = cc_server
     cc = "oauth2-client-credentials"
     usable = server.configure({"url": auth_server.token_url, "audience": "https://api.test"},
                               name=cc)
