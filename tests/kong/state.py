@@ -90,7 +90,7 @@ class RequestState(object):
         q = ("?" + self.raw_query) if self.raw_query else ""
         table = {
             "remote_addr": self.client_ip, "realip_remote_addr": self.client_ip,
-            "remote_port": "54321", "server_port": str(standin.proxy_port), "server_addr": "127.0.0.1",
+            "remote_port": "54321", "server_port": str(self.standin.proxy_port), "server_addr": "127.0.0.1",
             "host": self.host(), "scheme": "http", "request_method": self.method,
             "request_uri": self.path + q, "uri": self.path,
             "args": self.raw_query or None, "is_args": "?" if self.raw_query else "",
