@@ -81,8 +81,10 @@ def test_global_config_as_kong_sends_it(probe):
     assert "hint" not in sent and "null" not in text
     # a record that does not say required = false comes filled with its defaults
     # (Kong 3.9.1's transcripts: rec_defaults)
-    assert sent["opt"] == {"x": "d"} and sent["redis"] == {"host": "h", "port": 6379}
-    assert json.loads(probe.configure({"name": "n"}).conf_json)["redis"] == {"port": 6379}
+    assert sent["opt"] == {"x": "d"} and sent["redis"] == {"host": "h", "port": 6379,
+                                                 "tls": {"verify": True}}
+    assert json.loads(probe.configure({"name": "n"}).conf_json)["redis"] == {"port": 6379,
+                                                                     "tls": {"verify": True}}
     assert json.loads(probe.configure({"name": "n", "opt": {}}).conf_json)["opt"] == {"x": "d"}
     # empty sets/arrays are [], empty maps {}
     assert '"scopes":[]' in text and '"extra":{}' in text
