@@ -25,6 +25,15 @@ def kong():
         yield standin
 
 
+@pytest.fixture(scope="module")
+def cc_kong():
+    """The stand-in for oauth2-client-credentials' own plugin server (one plugin per
+    server, as Kong 3.9 registers them)."""
+    from kong import KongStandIn
+    with KongStandIn(plugin_command() + ["serve", "--plugin", "oauth2-client-credentials"]) as standin:
+        yield standin
+
+
 from authserver_fixture import auth_server  # noqa: E402,F401 - the real authorization server
 
 

@@ -98,7 +98,8 @@ CC = "oauth2-client-credentials"
 
 @pytest.mark.parametrize("headers, reason", [
     ({}, "missing_credentials"), ({"Authorization": "Bearer abc"}, "malformed_credentials")])
-def test_client_credentials_refusals_name_their_reason(kong, headers, reason):
+def test_client_credentials_refusals_name_their_reason(cc_kong, headers, reason):
+    kong = cc_kong
     inst = kong.configure({"url": "http://127.0.0.1:9/token", "audience": "api"}, name=CC)
     r = kong.request(inst, "GET", "/", headers=headers)
     assert r.status == 401
@@ -107,7 +108,8 @@ def test_client_credentials_refusals_name_their_reason(kong, headers, reason):
     assert r.serialize == {CC + ".reason": reason}
 
 
-def test_client_credentials_token_endpoint_down(kong):
+def test_client_credentials_token_endpoint_down(cc_kong):
+    kong = cc_kong
     inst = kong.configure({"url": "http://127.0.0.1:9/token", "audience": "api"}, name=CC)
     r = kong.request(inst, "GET", "/", headers={"Authorization": "Basic YXBwOnNlY3JldA=="})
     assert r.status == 500
