@@ -211,7 +211,19 @@ plugins:
     assert "expected" in claims_line
     good = bad.replace("consumer_by: email", "consumer_by: client_id").replace(
         '"Equals(`grp`, `admin`"', '"Equals(`grp`, `admin`)"')
-    run = _check(good)
+    # valid configs but no fail-closed guard on either scope: still refused
+    unguarded = _check(good)
+    assert unguarded.returncode == 1
+    assert all("without the post-function guard" in line
+               for line in unguarded.stdout.splitlines()), unguarded.stdout
+    # the guard on both scopes, as `guard` renders it: all valid
+    import json as _json
+    from kong_oauth2_introspection.guard import post_function_entry
+    entry = _json.dumps(post_function_entry({}))
+    guarded = good.replace("  plugins:\n  - name: oauth2-introspection",
+                           "  plugins:\n  - " + entry + "\n  - name: oauth2-introspection", 1)
+    guarded = guarded.replace("plugins:\n- name: key-auth", "plugins:\n- " + entry + "\n- name: key-auth", 1)
+    run = _check(guarded)
     assert run.returncode == 0, run.stdout
     assert "2 oauth2-introspection entries, all valid" in run.stdout
 
