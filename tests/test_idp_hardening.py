@@ -28,7 +28,8 @@ def _no_token_in(r, token=TOKEN):
     assert token not in text and "s3cret" not in text and SECRET not in text
 
 
-@pytest.mark.parametrize("path", ["/€", "/😀/ä", "/a b%", "/\udcff"])
+# (a path that is not UTF-8 never reaches a plugin: Kong's router answers 404 itself)
+@pytest.mark.parametrize("path", ["/€", "/😀/ä", "/a b%"])
 def test_non_latin1_paths_are_percent_encoded_for_the_idp(kong, path):
     with IdPDouble(_idp) as idp:
         inst = kong.configure(config(idp, introspect_request=True))
