@@ -436,8 +436,8 @@ class KongNode(object):
         with self._lock:   # one node, one request at a time: the server's route is set
             server.route = {k: v for k, v in route.entity.items() if k != "plugins"}
             if route.service is not None:
-                server.service = {k: v for k, v in route.service.items()
-                                  if k not in ("routes", "plugins")}
+                server.service = _expand_url({k: v for k, v in route.service.items()
+                                              if k not in ("routes", "plugins")})
             server.set_post_function((guard["config"].get("access") or None) if guard else None)
             return server.request(self._instances[id(external[0])], method, path,
                                   headers=headers, **kwargs)
@@ -465,3 +465,17 @@ def _ref_id(ref: Any, by_name: Dict[str, Dict[str, Any]]) -> Optional[str]:
     key = ref.get("name") or ref.get("id") if isinstance(ref, dict) else ref
     entity = by_name.get(key)
     return entity["id"] if entity else key
+
+
+def _expand_url(service: Dict[str, Any]) -> Dict[str, Any]:
+    """Kong stores a service's ``url`` as protocol, host, port and path."""
+    url = service.pop("url", None)
+    if url:
+        from urllib.parse import urlsplit
+        u = urlsplit(url)
+        service.setdefault("protocol", u.scheme or "http")
+        service.setdefault("host", u.hostname)
+        service.setdefault("port", u.port or {"https": 443}.get(u.scheme, 80))
+        if u.path:
+            service.setdefault("path", u.path)
+    return service
