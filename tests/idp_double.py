@@ -34,6 +34,18 @@ def active(**claims) -> Reply:
 INACTIVE = Reply(200, {"active": False})
 
 
+def kong_yml_tokens(form, headers) -> Reply:
+    """The IdP behind the repository's kong.yml: tok-alice and tok-bob are active
+    for its consumers (alice by username, bob-app by client_id), anything else not."""
+    if form.get("token") == "tok-alice":
+        return active(username="alice", client_id="alice-app", azp="alice-app",
+                      exp=int(time.time()) + 600)
+    if form.get("token") == "tok-bob":
+        return active(username="service-account-bob-app", client_id="bob-app",
+                      exp=int(time.time()) + 600)
+    return INACTIVE
+
+
 class Call(NamedTuple):
     form: Dict[str, str]
     headers: Dict[str, str]

@@ -26,7 +26,7 @@ import yaml
 
 from authserver_fixture import AuthServer, DEFAULT_CLIENTS, basic_authorization, client
 from conftest import ROOT, plugin_command
-from idp_double import INACTIVE, IdPDouble, active
+from idp_double import IdPDouble, kong_yml_tokens
 from kong.node import KongNode, KongStartError, parse_kong_conf, settings_from_env
 
 INTROSPECTION = "oauth2-introspection"
@@ -114,15 +114,7 @@ def rewrite():
 
 @pytest.fixture(scope="module")
 def idp():
-    def behaviour(form, headers):
-        if form.get("token") == "tok-alice":
-            return active(username="alice", client_id="alice-app", azp="alice-app",
-                          exp=int(time.time()) + 600)
-        if form.get("token") == "tok-bob":
-            return active(username="service-account-bob-app", client_id="bob-app",
-                          exp=int(time.time()) + 600)
-        return INACTIVE
-    with IdPDouble(behaviour) as double:
+    with IdPDouble(kong_yml_tokens) as double:
         yield double
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, plugin_command
-from idp_double import INACTIVE, IdPDouble, active
+from idp_double import IdPDouble, kong_yml_tokens
 from kong import KongStandIn, SchemaViolation
 from kong_oauth2_introspection.guard import post_function_entry
 
@@ -42,15 +42,7 @@ ENTRIES = entries()
 
 @pytest.fixture(scope="module")
 def idp():
-    def behaviour(form, headers):
-        if form.get("token") == "tok-alice":
-            return active(username="alice", client_id="alice-app", azp="alice-app",
-                          exp=int(time.time()) + 600)
-        if form.get("token") == "tok-bob":
-            return active(username="service-account-bob-app", client_id="bob-app",
-                          exp=int(time.time()) + 600)
-        return INACTIVE
-    with IdPDouble(behaviour) as double:
+    with IdPDouble(kong_yml_tokens) as double:
         yield double
 
 
