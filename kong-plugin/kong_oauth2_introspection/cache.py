@@ -20,6 +20,10 @@ this process or another sharing the Redis) waits for it on one protocol:
   ``stale_if_error`` entry if its config allows, else fails as the leader
   did); a lease that expires unannounced (the leader died) is taken over.
 
+When ``serve`` runs several processes, the in-process level is instead the
+node level of ``nodecache.py``, shared by them, and without Redis its node
+locks give the same single flight across the processes.
+
 Every wait spends from the request's deadline (``concurrency.current_deadline``;
 without one, from ``Policy.wait``), and DeadlineExceeded is raised when it runs
 out. A waiter never fails for having waited: when the wait bound (not the
@@ -49,7 +53,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from cachetools import TLRUCache
 
-from . import metrics
+from . import metrics, nodecache
 from .concurrency import Deadline, current_deadline, deadline_scope
 from .httpclient import Unsendable
 from .introspection import Answer, IntrospectionError
@@ -148,8 +152,13 @@ class TokenCache:
         self.clock = clock
         # HMAC key: a key reveals nothing about the token to whoever reads the store.
         self._hmac_key = hashlib.sha256(b"oauth2-introspection/cache\0" + key_material).digest()
-        self._local: TLRUCache = TLRUCache(maxsize=maxsize, ttu=lambda _k, e, _now: e.evict_at,
-                                timer=clock)
+        # With several processes on one node, the first level is theirs together
+        # (nodecache.py); alone, an in-process LRU.
+        self._node = nodecache.level_for(self._hmac_key, encode=Entry.encode, decode=Entry.decode,
+                                         evict_at=lambda e: e.evict_at, clock=clock,
+                                         front_size=maxsize)
+        self._local: Any = self._node if self._node is not None else TLRUCache(
+            maxsize=maxsize, ttu=lambda _k, e, _now: e.evict_at, timer=clock)
         self._lock = threading.Lock()
         self._flights: Dict[str, Flight] = {}
         self._waiters: Dict[str, List[_Waiter]] = {}
@@ -232,6 +241,8 @@ class TokenCache:
     def _lead(self, key, fetch, policy, stale, breaker, deadline) -> Tuple[Entry, bool]:
         store = self.store
         if store is None:
+            if self._node is not None:
+                return self._node_lead(key, fetch, policy, stale, breaker, deadline)
             return self._fetch(key, fetch, policy, stale, breaker, leased=False)
         shared = self._from_store(key, policy)
         if shared is not None:
@@ -289,9 +300,34 @@ class TokenCache:
             return shared, True
         return self._fetch(key, fetch, policy, stale, breaker, leased=True)
 
-    def _fetch(self, key, fetch, policy, stale, breaker, *, leased) -> Tuple[Entry, bool]:
-        """Ask the IdP; keep and (when leading across processes) announce the result.
-        Returns the entry and whether waiters may share it."""
+    def _node_lead(self, key, fetch, policy, stale, breaker, deadline) -> Tuple[Entry, bool]:
+        """Without Redis, across the node's processes: the one holding the key's
+        node lock asks; the others wait for it and use what it left."""
+        flight = self._node.flight(key, _wait_bound(policy, deadline), deadline)
+        try:
+            # Another process may have written it since our look, waited or not.
+            with self._lock:
+                entry = self._local.get(key)
+            if entry is not None and policy.fresh_until(entry) > self.clock():
+                metrics.cache("coalesced")
+                return entry, True
+            if flight.seen == INACTIVE:
+                now = self.clock()
+                return Entry({"active": False}, now, now), True
+            if flight.seen == FAILED:
+                return self._failed(IntrospectionError(
+                    "introspection failed in another process"), stale, policy), False
+            # No-store, a leader that died, or another key's stripe: ask ourselves.
+            return self._fetch(key, fetch, policy, stale, breaker, leased=False,
+                               tell=flight.ended if flight.held else None)
+        finally:
+            flight.release()
+
+    def _fetch(self, key, fetch, policy, stale, breaker, *, leased,
+               tell=None) -> Tuple[Entry, bool]:
+        """Ask the IdP; keep and (when leading across processes) announce the result
+        (through Redis when ``leased``, else to ``tell``). Returns the entry and
+        whether waiters may share it."""
         store = self.store
         metrics.cache("miss")
         outcome, blob = FAILED, None
@@ -324,6 +360,8 @@ class TokenCache:
                 # Clean-up, not waiting: followers depend on it even past our deadline.
                 with deadline_scope(None):
                     self._announce(key, outcome, blob)
+            elif tell is not None:
+                tell(key, outcome)
 
     def _announce(self, key: str, outcome: str, blob: Optional[bytes]) -> None:
         """Release the lease, then tell every process how the fetch ended (in this
