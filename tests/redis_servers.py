@@ -518,11 +518,15 @@ def redis_tls(tmp_path_factory, tls_certs):
 # far as the cache is concerned.
 
 class CacheNode:
-    def __init__(self, plugin_conf: dict, *, breaker: bool = False, log_dir=None):
+    def __init__(self, plugin_conf: dict, *, breaker: bool = False, log_dir=None,
+                 node_dir=None):
+        """``node_dir``: the process is one of a plugin server's processes sharing
+        that node directory (``node.set_directory``), as under ``serve``."""
         import tempfile
         self.log_path = Path(tempfile.mkstemp(prefix="cache-node-", suffix=".log",
                                               dir=log_dir)[1])
-        spec = json.dumps({"plugin": plugin_conf, "breaker": breaker})
+        spec = json.dumps({"plugin": plugin_conf, "breaker": breaker,
+                           "node_dir": None if node_dir is None else str(node_dir)})
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-u", __file__, "cache-node", spec],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -599,6 +603,9 @@ def _cache_node_main(spec_json: str) -> None:
             return lambda msg: print(f"{level}: {msg}", file=sys.stderr, flush=True)
 
     spec = json.loads(spec_json)
+    if spec.get("node_dir"):
+        from kong_oauth2_introspection import node
+        node.set_directory(spec["node_dir"])
     conf = Config.parse(spec["plugin"])
     log = Log()
     store = RedisStore.from_config(conf.store, log) if conf.store else None
