@@ -303,6 +303,7 @@ class TokenCache:
     def _node_lead(self, key, fetch, policy, stale, breaker, deadline) -> Tuple[Entry, bool]:
         """Without Redis, across the node's processes: the one holding the key's
         node lock asks; the others wait for it and use what it left."""
+        assert self._node is not None
         flight = self._node.flight(key, _wait_bound(policy, deadline), deadline)
         try:
             # Another process may have written it since our look, waited or not.
