@@ -288,3 +288,40 @@ def test_a_failure_is_not_cached(node_dir):
     with pytest.raises(IntrospectionError):
         cache.get(key, failing, POLICY)
     assert cache.get(key, answer(sub="ok"), POLICY).claims["sub"] == "ok"
+
+
+HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX, 1, int(sys.argv[2]), os.SEEK_SET)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_waiter_out_of_time_leaves_the_key_usable(node_dir):
+    """Another process holds the key's lock; our wait ends at our deadline, and the
+    next request for the key (once that process is gone) leads at once."""
+    import subprocess
+    import sys
+    from kong_oauth2_introspection.concurrency import Deadline, DeadlineExceeded
+    level = TokenCache(key_material=b"idp")._node
+    key = "ab" * 32
+    holder = subprocess.Popen([sys.executable, "-c", HOLD,
+                               str(node_dir / "cache" / "flights.lock"), str(level.stripe(key))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DeadlineExceeded):
+            level.flight(key, 5.0, Deadline(0.2))
+        gave_up = level.flight(key, 0.1, None)      # the bound, not a deadline: ask alone
+        assert not gave_up.held and gave_up.waited
+        gave_up.release()
+    finally:
+        holder.kill()
+        holder.wait()
+    flight = level.flight(key, 0.5, None)
+    try:
+        assert flight.held and not flight.waited
+    finally:
+        flight.release()

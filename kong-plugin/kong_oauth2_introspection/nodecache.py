@@ -375,7 +375,7 @@ class NodeLevel:
         ``release()`` what it gets, and reads ``seen`` and the entry afterwards.
         Raises DeadlineExceeded when the deadline runs out while waiting."""
         k = self._k(key)
-        stripe = 1 + int.from_bytes(hashlib.sha256(k).digest()[:4], "big") % STRIPES
+        stripe = self.stripe(key)
         env = self.env
         started = time.monotonic()
         until = started + bound
@@ -391,7 +391,11 @@ class NodeLevel:
             waited = True
             left = _left(until, deadline)
             if left <= 0:
-                _check(deadline)
+                try:
+                    _check(deadline)
+                except BaseException:
+                    thread_lock.release()
+                    raise
                 # Gave up on a slow leader: ask ourselves, without the lock.
                 return NodeFlight(self, stripe, thread_lock, False, waited,
                                   self._seen(k, started))
@@ -399,6 +403,10 @@ class NodeLevel:
             delay = min(delay * 2, _POLL_MAX)
         return NodeFlight(self, stripe, thread_lock, True, waited,
                           self._seen(k, started) if waited else None)
+
+    def stripe(self, key: str) -> int:
+        """The byte of the lock file that is ``key``'s single-flight lock."""
+        return 1 + int.from_bytes(hashlib.sha256(self._k(key)).digest()[:4], "big") % STRIPES
 
     def record(self, key: str, outcome: str) -> None:
         """Say how a fetch of ``key`` ended when it left no entry."""
