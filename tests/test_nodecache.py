@@ -325,3 +325,25 @@ def test_a_waiter_out_of_time_leaves_the_key_usable(node_dir):
         assert flight.held and not flight.waited
     finally:
         flight.release()
+
+
+def test_a_purge_by_claim_finds_entries_redis_never_got(node_dir):
+    """A process whose Redis write failed holds the only copy, in the node cache:
+    the purge message (by sub) heard by any process of the node removes it."""
+    from kong_oauth2_introspection.store import RedisStore
+    store_conf = {"secret": STORE_SECRET, "redis": {"endpoints": ["127.0.0.1:1"],
+                                                    "timeout_ms": 50}}
+    writer = TokenCache(key_material=b"idp", store=RedisStore.from_config(store_conf, None))
+    hearer = TokenCache(key_material=b"idp", store=RedisStore.from_config(store_conf, None))
+    try:
+        kept, doomed = writer.key("tok-kept"), writer.key("tok-doomed")
+        writer.get(kept, answer(sub="other"), POLICY)
+        writer.get(doomed, answer(sub="revoked"), POLICY)
+        assert hearer.peek(doomed, POLICY) is not None
+        hearer._on_message({"v": 1, "op": "purge", "by": "sub", "keys": [],
+                            "ids": [hearer.store.tag("sub", "revoked")]})
+        assert writer.peek(doomed, POLICY) is None and hearer.peek(doomed, POLICY) is None
+        assert writer.peek(kept, POLICY) is not None
+    finally:
+        writer.store.close()
+        hearer.store.close()

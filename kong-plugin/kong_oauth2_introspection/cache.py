@@ -461,8 +461,10 @@ class TokenCache:
                 self._local.pop(k, None)
             if by in ("sub", "client_id") and ids:
                 wanted = set(ids)
-                items = list(self._local.items())
+                items = list(self._local.items()) if self._node is None else []
         if by in ("sub", "client_id") and ids:
+            if self._node is not None:
+                items = self._node.items()   # a scan of the node: not under our lock
             # Entries only this process holds (its Redis write failed) are found by claim.
             doomed = [k for k, e in items
                       if isinstance(e.claims.get(by), str)

@@ -280,7 +280,8 @@ class NodeLevel:
                             break
 
     def items(self) -> List[Tuple[str, Any]]:
-        """Every live entry of this namespace, decoded (for purges by claim: rare)."""
+        """Every live entry of this namespace, decoded (for purges by claim: rare,
+        and a scan; call it without holding locks the hit path takes)."""
         now, found = self.clock(), []
         with self.env.env.begin(db=self.env.entries) as txn:
             cursor = txn.cursor()
@@ -288,14 +289,21 @@ class NodeLevel:
                 for k, raw in cursor:
                     if k[:_NS] != self._ns:
                         break
-                    if _HEAD.unpack_from(raw)[1] > now:
-                        found.append((k, raw))
+                    wid, evict_at = _HEAD.unpack_from(raw)
+                    if evict_at > now:
+                        found.append((k, wid, raw))
         out = []
-        for k, raw in found:
+        for k, wid, raw in found:
+            key = k[_NS:].hex()
+            with self._front_lock:
+                mine = self._front.get(key)
+            if mine is not None and mine[0] == wid:
+                out.append((key, mine[1]))
+                continue
             plain = self._sealer.open(raw[_HEAD.size:], k)
             value = self._decode(plain) if plain is not None else None
             if value is not None:
-                out.append((k[_NS:].hex(), value))
+                out.append((key, value))
         return out
 
     def __len__(self) -> int:
