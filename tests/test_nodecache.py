@@ -347,3 +347,21 @@ def test_a_purge_by_claim_finds_entries_redis_never_got(node_dir):
     finally:
         writer.store.close()
         hearer.store.close()
+
+
+def test_old_flight_records_are_swept_with_the_entries(node_dir, monkeypatch):
+    level = nodecache.NodeLevel(str(node_dir), b"records", encode=Entry.encode,
+                                decode=Entry.decode, evict_at=lambda e: e.evict_at,
+                                max_entries=10)
+    for i in range(200):
+        level.record("%064x" % i, "failed")
+    monkeypatch.setattr(nodecache, "FLIGHT_RECORD_S", -1.0)   # every record is old now
+
+    def records():
+        with level.env.env.begin(db=level.env.flights) as txn:
+            return txn.stat(level.env.flights)["entries"]
+    now = time.time()
+    for i in range(100):                                      # every write past the cap sweeps
+        level["%064x" % (1000 + i)] = Entry({"active": True}, now, now + 300)
+    assert records() < 200 and len(level) <= 10
+    assert level.get("%064x" % 1099) is not None

@@ -216,7 +216,7 @@ class NodeLevel:
     def get(self, key: str, default: Any = None) -> Any:
         try:
             return self._get(key, default)
-        except lmdb.Error:
+        except (lmdb.Error, struct.error):
             return default   # a miss: the IdP is asked, as without the node cache
 
     def _get(self, key: str, default: Any) -> Any:
@@ -256,7 +256,7 @@ class NodeLevel:
                 self._evict(self.max_entries // 10 + 1)
                 if not self._put(k, blob):
                     return   # larger than the map can hold: stays uncached
-        except lmdb.Error:
+        except (lmdb.Error, struct.error):
             return           # uncached: the next request asks again
         with self._front_lock:
             self._front[key] = (wid, value)
@@ -369,7 +369,9 @@ class NodeLevel:
         if cursor.set_range(os.urandom(_NS + 32)) or cursor.first():
             for _ in range(_EVICT_WINDOW):
                 k, raw = cursor.item()
-                if _RECORD.unpack_from(raw)[0] < old:
+                if not k:          # past the last record
+                    break
+                if len(raw) < _RECORD.size or _RECORD.unpack_from(raw)[0] < old:
                     if not cursor.delete():
                         break
                 elif not cursor.next():
