@@ -48,7 +48,6 @@ process (a purge, a refresh) is never served from the copy.
 import fcntl
 import hashlib
 import os
-import random
 import struct
 import threading
 import time
