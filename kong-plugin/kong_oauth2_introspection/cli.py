@@ -101,6 +101,11 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                         help="answer every event within this many seconds, whatever the IdP "
                              "or Redis do (default 30, at most 50: Kong gives up at 60)")
+    parser.add_argument("--processes", type=int, default=None, metavar="N",
+                        help="event-loop processes sharing the socket, so that every core "
+                             "Kong uses serves it (default: $OAUTH2_INTROSPECTION_PROCESSES, "
+                             "else the CPUs this process may use; 1: one process, no "
+                             "supervisor)")
     parser.add_argument("--workers", type=int, default=None,
                         help="threads for blocking calls (IdP, Redis, Admin API; default 256)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -147,6 +152,9 @@ def serve(argv: List[str]) -> int:
     if workers < 1:
         _fail("--workers must be at least 1")
         return 2
+    processes = _processes(args.processes)
+    if processes is None:
+        return 2
     if not os.path.isdir(args.prefix):
         _fail(f"kong prefix {args.prefix!r} is not a directory")
         return 2
@@ -160,12 +168,26 @@ def serve(argv: List[str]) -> int:
         return 2
     LOG.threshold = 10 if args.verbose else 20
     from .plugins import load
-    server = PluginServer([load(args.plugin)], deadline=deadline, workers=workers, log=LOG)
-    _observe(args, server, LOG)
-    socket_name = args.socket_name or args.plugin + ".sock"
+    plugin = load(args.plugin)
+    socket_path = os.path.join(args.prefix, args.socket_name or args.plugin + ".sock")
     try:
-        run(os.path.join(args.prefix, socket_name), server,
-            backlog=args.listen_queue_size)
+        if processes == 1:
+            server = PluginServer([plugin], deadline=deadline, workers=workers, log=LOG)
+            _observe(args, server, LOG)
+            run(socket_path, server, backlog=args.listen_queue_size)
+        else:
+            from .server.processes import Supervisor, node_directory
+
+            def make_server(slot: int) -> PluginServer:
+                # in the child, after the fork: threads, pools and ports are its own
+                server = PluginServer([plugin], deadline=deadline, workers=workers, log=LOG)
+                _observe(args, server, LOG, metrics_port=slot == 0)
+                return server
+            supervisor = Supervisor(socket_path, node_directory(args.prefix, args.plugin),
+                                    processes, make_server, LOG,
+                                    backlog=args.listen_queue_size)
+            supervisor.start()
+            supervisor.run()
     except StartError as err:
         _fail(str(err))
         return 2
@@ -174,11 +196,28 @@ def serve(argv: List[str]) -> int:
     return 0
 
 
-def _observe(args: argparse.Namespace, server, log) -> None:
+def _processes(given: Optional[int]) -> Optional[int]:
+    from .server.processes import ENV, MAX_PROCESSES, default_processes
+    where = "--processes"
+    if given is None and os.environ.get(ENV, "").strip():
+        where = ENV
+        try:
+            given = int(os.environ[ENV])
+        except ValueError:
+            given = 0
+    count = default_processes() if given is None else given
+    if not 1 <= count <= MAX_PROCESSES:
+        _fail(f"{where} must be a whole number from 1 to {MAX_PROCESSES}")
+        return None
+    return count
+
+
+def _observe(args: argparse.Namespace, server, log, metrics_port: bool = True) -> None:
     """Metrics and tracing, when asked for. Failing to start either is logged and
-    the server runs without it: refusing requests over telemetry would be worse."""
+    the server runs without it: refusing requests over telemetry would be worse.
+    With several processes only the first one (slot 0) serves the metrics port."""
     from . import metrics, tracing
-    if args.metrics_port is not None:
+    if args.metrics_port is not None and metrics_port:
         try:
             _, port = metrics.serve_http(args.metrics_address, args.metrics_port, server)
         except OSError as err:
