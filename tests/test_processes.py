@@ -1,0 +1,149 @@
+"""``serve --processes N`` (issue 21, item 1): N event loops on Kong's one socket.
+
+Real server, real socket, the stand-in's Kong protocol. What a user would see:
+Kong's pooled connections land on different processes; an instance Kong started
+through one process is served by another with no "no plugin instance" restart,
+including the Steps Kong sends on the other process's connection; and a process
+killed under load costs only the requests it held, which the guard refuses (503),
+none reaching the upstream unauthenticated, while a replacement takes its place."""
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import msgpack
+import pytest
+
+from conftest import plugin_command
+from idp_double import IdPDouble, Reply, active
+from kong import KongStandIn
+from kong.rpc import Rpc
+from kong_oauth2_introspection.guard import render
+
+SECRET = "Basic cHJvY2Vzc2VzOnByb2Nlc3Nlcy1zZWNyZXQ="
+TOKEN = "tok-processes-0123456789"
+
+
+def config(idp_url, **extra):
+    return dict({"introspection_url": idp_url, "authorization_value": SECRET}, **extra)
+
+
+def server(processes=2, **kwargs):
+    return KongStandIn(plugin_command() + ["serve", "--processes", str(processes)], **kwargs)
+
+
+def children(pid):
+    """The plugin server's processes: the supervisor's children."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return sorted(found)
+
+
+def cpu_ticks(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def wait_for(predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    return predicate()
+
+
+class Conn:
+    """One raw connection to the plugin socket (as one of Kong's pooled ones)."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(20)
+        self.sock.connect(path)
+        self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        self.ids = iter(range(1, 1 << 30))
+
+    def call(self, method, arg):
+        msgid = next(self.ids)
+        self.sock.sendall(msgpack.packb([0, msgid, method, [arg]], use_bin_type=True))
+        while True:
+            for msg in self.unpacker:
+                assert msg[0] == 1 and msg[1] == msgid
+                return msg[2], msg[3]
+            chunk = self.sock.recv(65536)
+            assert chunk, "connection closed"
+            self.unpacker.feed(chunk)
+
+    def pid(self):
+        err, status = self.call("plugin.GetStatus", None)
+        assert err is None
+        return status["Pid"]
+
+    def close(self):
+        self.sock.close()
+
+
+def connection_to(path, pid, others):
+    """A connection accepted by ``pid``: the other processes are stopped while it
+    is made, so only that one can accept it."""
+    for other in others:
+        os.kill(other, signal.SIGSTOP)
+    try:
+        conn = Conn(path)
+        assert conn.pid() == pid
+        return conn
+    finally:
+        for other in others:
+            os.kill(other, signal.SIGCONT)
+
+
+@pytest.fixture(scope="module")
+def idp():
+    with IdPDouble(lambda form, headers: active(client_id="app", username="alice")) as double:
+        yield double
+
+
+def test_kongs_connections_are_served_by_every_process(idp):
+    with server(2) as kong:
+        pids = wait_for(lambda: len(children(kong.pid)) == 2 and children(kong.pid))
+        assert len(pids) == 2 and kong.pid not in pids
+        inst = kong.configure(config(idp.url))
+        before = {pid: cpu_ticks(pid) for pid in pids}
+        results, lock = [], threading.Lock()
+
+        def load(n):
+            for i in range(40):
+                r = kong.request(inst, headers={"Authorization": "Bearer %s-%d-%d" % (TOKEN, n, i)})
+                with lock:
+                    results.append(r)
+        threads = [threading.Thread(target=load, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(results) == 320 and all(r.status == 200 for r in results)
+        # Kong's pool: the connections its events went over belong to both processes
+        serving = set()
+        for c in list(kong._rpc._pool):
+            c.sendall(msgpack.packb([0, 1 << 20, "plugin.GetStatus", [None]]))
+            serving.add(msgpack.unpackb(c.recv(65536), raw=False)[3]["Pid"])
+        assert serving == set(pids)
+        assert all(cpu_ticks(pid) > before[pid] for pid in pids)
+        # one StartInstance for the whole run: no process answered "no plugin instance"
+        assert not [r for r in results if any("no plugin instance" in m for _, m in r.kong_logs)]
+        conn = Conn(kong.socket_path)
+        assert len(conn.call("plugin.GetStatus", None)[1]["Plugins"]["oauth2-introspection"]["Instances"]) == 1
+        conn.close()
