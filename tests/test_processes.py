@@ -24,6 +24,7 @@ from kong_oauth2_introspection.guard import render
 
 SECRET = "Basic cHJvY2Vzc2VzOnByb2Nlc3Nlcy1zZWNyZXQ="
 TOKEN = "tok-processes-0123456789"
+ALICE = {"id": "6f0b3c1e-4b8e-4c43-9a51-0c7f4f1d2a11", "username": "alice"}
 
 
 def config(idp_url, **extra):
@@ -147,3 +148,46 @@ def test_kongs_connections_are_served_by_every_process(idp):
         conn = Conn(kong.socket_path)
         assert len(conn.call("plugin.GetStatus", None)[1]["Plugins"]["oauth2-introspection"]["Instances"]) == 1
         conn.close()
+
+
+def test_an_instance_started_in_one_process_is_served_by_another(idp):
+    with server(2) as kong:
+        a, b = wait_for(lambda: len(children(kong.pid)) == 2 and children(kong.pid))
+        via_a = connection_to(kong.socket_path, a, [b])
+        via_b = connection_to(kong.socket_path, b, [a])
+        inst = kong.configure(config(idp.url))
+        err, started = via_a.call("plugin.StartInstance", {"Name": inst.name, "Config": inst.conf_json})
+        assert err is None
+        iid = started["Id"]
+        # B never saw StartInstance: it builds the instance from the node's table
+        err, step = via_b.call("plugin.HandleEvent", {"InstanceId": iid, "EventName": "access"})
+        assert err is None, err
+        trace, conns = [], [via_a, via_b]
+        while step["Data"] != "ret":
+            method = step["Data"]["Method"]
+            trace.append(method)
+            if method == "kong.response.exit":
+                break
+            data = {"kong.request.get_headers": {"authorization": ["Bearer " + TOKEN]},
+                    "kong.client.load_consumer": ALICE}.get(method)
+            # Kong steps on whichever pooled connection it picks: here the other
+            # process's one every time, so A carries B's event on
+            conn = conns[len(trace) % 2]
+            err, step = conn.call("plugin.Step", {"EventId": step["EventId"], "Data": data})
+            assert err is None
+        assert "kong.response.exit" not in trace, (trace, step)
+        assert "kong.service.request.set_headers" in trace and len(trace) >= 2
+        assert [c.form.get("token") for c in idp.calls].count(TOKEN) == 1
+        # either process answers for the instance; closing it through B ends it for A too
+        assert via_a.call("plugin.InstanceStatus", iid)[1]["Id"] == iid
+        assert via_b.call("plugin.CloseInstance", iid)[0] is None
+        assert via_a.call("plugin.InstanceStatus", iid)[0] == "no plugin instance #%d" % iid
+        err, _ = via_b.call("plugin.HandleEvent", {"InstanceId": iid, "EventName": "access"})
+        assert err == "no plugin instance #%d" % iid
+        # (A frees its copy at its next sweep; Kong sends no event for an id it closed)
+        # a Step for an event nobody holds is refused (500), never left unanswered
+        err, step = via_a.call("plugin.Step", {"EventId": 12345 * 64 + (1 if a < b else 0),
+                                               "Data": None})
+        assert err is None and step["Data"]["Args"][0] == 500
+        via_a.close()
+        via_b.close()

@@ -178,9 +178,10 @@ def serve(argv: List[str]) -> int:
         else:
             from .server.processes import Supervisor, node_directory
 
-            def make_server(slot: int) -> PluginServer:
+            def make_server(slot: int, table) -> PluginServer:
                 # in the child, after the fork: threads, pools and ports are its own
-                server = PluginServer([plugin], deadline=deadline, workers=workers, log=LOG)
+                server = PluginServer([plugin], deadline=deadline, workers=workers, log=LOG,
+                                      table=table, slot=slot)
                 _observe(args, server, LOG, metrics_port=slot == 0)
                 return server
             supervisor = Supervisor(socket_path, node_directory(args.prefix, args.plugin),

@@ -522,8 +522,11 @@ class PluginServer:
             conn.reply(msgid, "no plugin instance #%s" % (arg,), None)
 
     def _instance_status(self, conn: _Connection, msgid: Any, arg: Any) -> None:
-        instance = self.instances.get(arg)  # type: ignore[call-overload]
+        instance = None if self.table is not None else \
+            self.instances.get(arg)  # type: ignore[call-overload]
         if instance is None:
+            # the node's table, not this process's copy: Kong may have closed it
+            # through another process
             record = self._record(arg)
             if record is None:
                 conn.reply(msgid, "no plugin instance #%s" % (arg,), None)

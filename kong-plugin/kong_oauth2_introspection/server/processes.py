@@ -56,7 +56,7 @@ def peer_path(directory: str, slot: int) -> str:
 
 class Supervisor:
     def __init__(self, socket_path: str, directory: str, processes: int,
-                 make_server: Callable[[int], PluginServer], log: Log, *,
+                 make_server: Callable[[int, table.InstanceTable], PluginServer], log: Log, *,
                  backlog: int = 4096):
         self.socket_path = socket_path
         self.directory = directory
@@ -170,9 +170,7 @@ class Supervisor:
         if os.getppid() != self._pid:   # the parent died between fork() and prctl()
             return 0
         assert self._sock is not None
-        server = self.make_server(slot)
-        server.table = table.InstanceTable(self.directory)
-        server.slot = slot
+        server = self.make_server(slot, table.InstanceTable(self.directory))
         serve_child(self._sock, peer_path(self.directory, slot),
                     lambda other: peer_path(self.directory, other), server,
                     backlog=self.backlog)
