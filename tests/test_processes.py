@@ -10,6 +10,7 @@ none reaching the upstream unauthenticated, while a replacement takes its place.
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -49,6 +50,12 @@ def children(pid):
         if int(fields[1]) == pid and fields[0] != "Z":
             found.append(int(entry))
     return sorted(found)
+
+
+def serving_without(parent, gone, count):
+    """The supervisor's children once ``gone`` has been replaced (one reading)."""
+    now = children(parent)
+    return now if len(now) == count and gone not in now else None
 
 
 def cpu_ticks(pid):
@@ -191,3 +198,135 @@ def test_an_instance_started_in_one_process_is_served_by_another(idp):
         assert err is None and step["Data"]["Args"][0] == 500
         via_a.close()
         via_b.close()
+
+
+def test_a_process_killed_under_load_costs_only_its_requests():
+    slow = lambda form, headers: Reply(200, {"active": True, "client_id": "app",  # noqa: E731
+                                             "username": "alice"}, delay=0.3)
+    with IdPDouble(slow) as idp, server(2, post_function=[render(True)], fail_open="record",
+                                        rpc_timeout=10.0) as kong:
+        pids = wait_for(lambda: len(children(kong.pid)) == 2 and children(kong.pid))
+        inst = kong.configure(config(idp.url))
+        results, lock, stop = [], threading.Lock(), threading.Event()
+
+        def load(n):
+            i = 0
+            while not stop.is_set():
+                i += 1
+                r = kong.request(inst, headers=[("X-Consumer-ID", "evil"), (
+                    "Authorization", "Bearer %s-%d-%d" % (TOKEN, n, i))])
+                with lock:
+                    results.append(r)
+        threads = [threading.Thread(target=load, args=(n,)) for n in range(12)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(results) >= 24)
+        victim = pids[0]
+        os.kill(victim, signal.SIGKILL)
+        # the supervisor starts another in its place (one log line), and it serves
+        replaced = wait_for(lambda: serving_without(kong.pid, victim, 2))
+        assert replaced, kong.server_log()
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert "process %d (slot 0) was killed by SIGKILL; starting another" % victim \
+            in kong.server_log()
+        ok = [r for r in results if r.status == 200]
+        guarded = [r for r in results if r.guard_exit == 503]
+        refused = [r for r in results if r.status == 500 and r.kong_exit]
+        # every request was either authenticated, or refused by the plugin or the guard
+        assert not [r for r in results if r.passed_unauthenticated]
+        assert all(r.status == 200 or not r.proxied for r in results)
+        assert len(ok) + len(guarded) + len(refused) == len(results)
+        assert guarded or refused     # the killed process held some in flight
+        print("\nkilled under load: %d requests, %d authenticated, %d guard 503s, "
+              "%d refused 500 (Steps for the dead process's events)"
+              % (len(results), len(ok), len(guarded), len(refused)))
+        assert set(replaced) - set(pids), (pids, replaced, children(kong.pid))
+        newcomer = (set(replaced) - set(pids)).pop()
+        survivor = (set(replaced) - {newcomer}).pop()
+        # the newcomer builds the instance from the node's table: no restart
+        conn = connection_to(kong.socket_path, newcomer, [survivor])
+        (iid,) = kong.instance_ids().values()
+        err, step = conn.call("plugin.HandleEvent", {"InstanceId": iid, "EventName": "access"})
+        assert err is None and step["Data"]["Method"] == "kong.request.get_headers"
+        while step["Data"]["Method"] != "kong.response.exit":   # no token anywhere ...
+            err, step = conn.call("plugin.Step", {"EventId": step["EventId"], "Data": {}})
+            assert err is None
+        assert step["Data"]["Args"][0] == 401                    # ... refused
+        conn.close()
+        after = [kong.request(inst, headers={"Authorization": "Bearer %s-after-%d" % (TOKEN, i)})
+                 for i in range(10)]
+        assert all(r.status == 200 for r in after)
+
+
+def start(prefix, *args, env=None):
+    return subprocess.Popen(plugin_command() + ["serve", "-kong-prefix", str(prefix)] + list(args),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, **(env or {})))
+
+
+def listening(path):
+    def probe():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+    return wait_for(probe)
+
+
+def test_sigterm_stops_every_process_and_removes_the_socket(tmp_path):
+    proc = start(tmp_path, "--processes", "3")
+    sock = str(tmp_path / "oauth2-introspection.sock")
+    assert listening(sock)
+    pids = wait_for(lambda: len(children(proc.pid)) == 3 and children(proc.pid))
+    assert len(pids) == 3
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert not os.path.exists(sock)
+    assert not [p for p in pids if os.path.exists("/proc/%d" % p)
+                and open("/proc/%d/stat" % p).read().rsplit(")", 1)[1].split()[0] != "Z"]
+
+
+def test_the_processes_die_with_their_parent(tmp_path):
+    proc = start(tmp_path, "--processes", "2")
+    assert listening(str(tmp_path / "oauth2-introspection.sock"))
+    pids = wait_for(lambda: len(children(proc.pid)) == 2 and children(proc.pid))
+    proc.kill()
+    proc.wait(timeout=10)
+    def alive(pid):
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    assert wait_for(lambda: not any(alive(p) for p in pids)), pids
+
+
+@pytest.mark.parametrize("given, env", [("0", None), ("65", None), (None, "many")])
+def test_a_process_count_out_of_range_is_refused(tmp_path, given, env):
+    args = ["--processes", given] if given is not None else []
+    proc = start(tmp_path, *args, env={"OAUTH2_INTROSPECTION_PROCESSES": env} if env else None)
+    out = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode == 2
+    assert ("OAUTH2_INTROSPECTION_PROCESSES" if env else "--processes") in out
+    assert "Traceback" not in out and len(out.strip().splitlines()) == 1
+
+
+def test_a_second_server_on_the_prefix_is_refused_before_any_fork(tmp_path):
+    first = start(tmp_path, "--processes", "2")
+    try:
+        assert listening(str(tmp_path / "oauth2-introspection.sock"))
+        second = start(tmp_path, "--processes", "2")
+        out = second.communicate(timeout=30)[0].decode()
+        assert second.returncode == 2 and "another server is answering" in out
+        assert "Traceback" not in out
+        assert len(children(first.pid)) == 2     # the first one is untouched
+    finally:
+        first.terminate()
+        first.wait(timeout=20)
