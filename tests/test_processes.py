@@ -330,3 +330,39 @@ def test_a_second_server_on_the_prefix_is_refused_before_any_fork(tmp_path):
     finally:
         first.terminate()
         first.wait(timeout=20)
+
+
+def test_metrics_sum_every_processs_counts(idp):
+    import re
+    import urllib.request
+    with KongStandIn(plugin_command() + ["serve", "--processes", "2", "--metrics-port", "0"]) \
+            as kong:
+        found = wait_for(lambda: re.search(r"metrics: (http://127\.0\.0\.1:\d+)/metrics",
+                                           kong.server_log()))
+        assert found, kong.server_log()
+        inst = kong.configure(config(idp.url))
+        results, lock = [], threading.Lock()
+
+        def load(n):
+            for i in range(15):
+                r = kong.request(inst, headers={"Authorization": "Bearer %s-m-%d-%d" % (TOKEN, n, i)})
+                with lock:
+                    results.append(r)
+        threads = [threading.Thread(target=load, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(r.status == 200 for r in results)
+        # the Steps crossed processes, so both counted; slot 0's port shows the sum
+        text = urllib.request.urlopen(found.group(1) + "/metrics", timeout=10).read().decode()
+        sample = lambda name: sum(float(v) for v in re.findall(  # noqa: E731
+            r"(?m)^%s(?:\{[^}]*\})? (\S+)$" % re.escape(name), text))
+        assert sample("kong_oauth2_introspection_events_total") == len(results) == 90
+        assert sample('kong_oauth2_introspection_decisions_total') == 90
+        assert sample("kong_oauth2_introspection_events_in_flight") == 0
+        # instances are labelled by process (the supervisor holds none)
+        held = {int(pid): float(v) for pid, v in re.findall(
+            r'(?m)^kong_oauth2_introspection_plugin_instances\{pid="(\d+)"\} (\S+)$', text)}
+        assert set(held) <= set(children(kong.pid)) | {kong.pid}, held
+        assert held.get(kong.pid, 0) == 0 and max(held.values()) == 1.0, held

@@ -135,6 +135,11 @@ def serve(argv: List[str]) -> int:
     args = _serve_parser().parse_args(argv)
     if args.dump:
         return _dump(args.plugin)
+    processes = _processes(args.processes)
+    if processes is None:
+        return 2
+    if processes > 1 and args.metrics_port is not None and os.path.isdir(args.prefix):
+        _multiprocess_metrics(args.prefix, args.plugin)
     from .log import LOG
     from .server.listener import (DEFAULT_DEADLINE, DEFAULT_WORKERS, MAX_DEADLINE,
                                   PluginServer, StartError)
@@ -151,9 +156,6 @@ def serve(argv: List[str]) -> int:
     workers = DEFAULT_WORKERS if args.workers is None else args.workers
     if workers < 1:
         _fail("--workers must be at least 1")
-        return 2
-    processes = _processes(args.processes)
-    if processes is None:
         return 2
     if not os.path.isdir(args.prefix):
         _fail(f"kong prefix {args.prefix!r} is not a directory")
@@ -182,7 +184,7 @@ def serve(argv: List[str]) -> int:
                 # in the child, after the fork: threads, pools and ports are its own
                 server = PluginServer([plugin], deadline=deadline, workers=workers, log=LOG,
                                       table=table, slot=slot)
-                _observe(args, server, LOG, metrics_port=slot == 0)
+                _observe(args, server, LOG, serve_metrics=slot == 0)
                 return server
             supervisor = Supervisor(socket_path, node_directory(args.prefix, args.plugin),
                                     processes, make_server, LOG,
@@ -198,7 +200,7 @@ def serve(argv: List[str]) -> int:
 
 
 def _processes(given: Optional[int]) -> Optional[int]:
-    from .server.processes import ENV, MAX_PROCESSES, default_processes
+    from .server.sizing import ENV, MAX_PROCESSES, default_processes
     where = "--processes"
     if given is None and os.environ.get(ENV, "").strip():
         where = ENV
@@ -213,12 +215,29 @@ def _processes(given: Optional[int]) -> Optional[int]:
     return count
 
 
-def _observe(args: argparse.Namespace, server, log, metrics_port: bool = True) -> None:
+def _multiprocess_metrics(prefix: str, plugin: str) -> None:
+    """Every process counts into files that slot 0's /metrics sums (prometheus_client's
+    multiprocess mode, chosen by this variable before prometheus_client is imported).
+    Emptied at each start: the counts are this plugin server's, as with one process."""
+    import shutil
+    directory = os.path.join(prefix, plugin + ".node", "metrics")
+    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        os.makedirs(directory, mode=0o700)
+    except OSError:
+        return   # the metrics stay per process; serve reports the directory itself
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+
+
+def _observe(args: argparse.Namespace, server, log, serve_metrics: bool = True) -> None:
     """Metrics and tracing, when asked for. Failing to start either is logged and
     the server runs without it: refusing requests over telemetry would be worse.
-    With several processes only the first one (slot 0) serves the metrics port."""
+    With several processes every one counts and only the first (slot 0) serves the
+    port, with the sums of all of them."""
     from . import metrics, tracing
-    if args.metrics_port is not None and metrics_port:
+    if args.metrics_port is not None and not serve_metrics:
+        metrics.enable(server)
+    if args.metrics_port is not None and serve_metrics:
         try:
             _, port = metrics.serve_http(args.metrics_address, args.metrics_port, server)
         except OSError as err:

@@ -468,6 +468,7 @@ class PluginServer:
         while len(self.instances) > MAX_INSTANCES:
             _, old = self.instances.popitem(last=False)
             self._close(old)
+        metrics.instances(len(self.instances))
 
     def _record(self, iid: Any) -> Optional[Record]:
         if self.table is None:
@@ -495,6 +496,7 @@ class PluginServer:
         return instance
 
     def _close(self, instance: _Instance) -> None:
+        metrics.instances(len(self.instances))   # callers removed it already
         close = getattr(instance.plugin, "close", None)
         if close is not None:
             try:

@@ -27,23 +27,15 @@ from typing import Callable, Dict, List, Optional
 from .. import node
 from ..log import Log
 from . import table
+from .sizing import MAX_PROCESSES
 from .listener import (EVENT_SLOTS, MAX_SOCKET_PATH, PluginServer, StartError,
                        _take_socket_path, listen_error, raise_nofile, serve_child)
 
-ENV = "OAUTH2_INTROSPECTION_PROCESSES"
-MAX_PROCESSES = EVENT_SLOTS
 RESPAWN_INTERVAL = 1.0   # per slot
 STOP_GRACE = 5.0         # SIGTERM, then SIGKILL
 _PR_SET_PDEATHSIG = 1
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
-
-
-def default_processes() -> int:
-    """The CPUs this process may run on (what Kong's nginx may use too)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+assert MAX_PROCESSES == EVENT_SLOTS
 
 
 def node_directory(prefix: str, plugin: str) -> str:
@@ -143,6 +135,7 @@ class Supervisor:
             slot = self.children.pop(pid, None)
             if slot is None:
                 continue
+            _metrics_gone(pid)
             self.log.warn("process %d (slot %d) %s; starting another in its place"
                           % (pid, slot, _how(status)))
             slots.append(slot)
@@ -209,6 +202,17 @@ class Supervisor:
         if pid:
             self.children.pop(pid, None)
         return True
+
+
+def _metrics_gone(pid: int) -> None:
+    """Drop a dead process's live gauges (prometheus_client's multiprocess mode);
+    its counters stay in the sums, as counters must."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        try:
+            from prometheus_client import multiprocess
+            multiprocess.mark_process_dead(pid)
+        except Exception:  # noqa: BLE001 - metrics never stop the supervisor
+            pass
 
 
 def _die_with_parent() -> None:
