@@ -50,7 +50,8 @@ from authserver_fixture import auth_server  # noqa: E402,F401 - the real authori
 
 _LOGS = []
 # Tally of every request through any stand-in: the figure issue 8 asks for.
-_TALLY = {"requests": 0, "proxied": 0, "passed unauthenticated": 0, "spoofed identity": 0}  # ours only
+_TALLY = {"requests": 0, "proxied": 0, "passed unauthenticated": 0, "spoofed identity": 0,
+          "guard 503": 0}  # ours only
 _SPOOF_VALUES = {"evil"}
 _SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|AUTH|_KEY$|^KEY)")
 
@@ -94,6 +95,8 @@ def _spoofed(result, instances, other_plugin):
 
 def _tally(result, instances, kwargs):
     _TALLY["requests"] += 1
+    if result.guard_exit == 503:   # Kong failed open and the guard refused it
+        _TALLY["guard 503"] += 1
     if result.proxied:
         _TALLY["proxied"] += 1
         if result.passed_unauthenticated:

@@ -366,3 +366,17 @@ def test_metrics_sum_every_processs_counts(idp):
             r'(?m)^kong_oauth2_introspection_plugin_instances\{pid="(\d+)"\} (\S+)$', text)}
         assert set(held) <= set(children(kong.pid)) | {kong.pid}, held
         assert held.get(kong.pid, 0) == 0 and max(held.values()) == 1.0, held
+
+
+@pytest.mark.parametrize("env, expected", [("2", 2), ("", len(os.sched_getaffinity(0)))])
+def test_the_process_count_comes_from_the_environment_or_the_cpus(tmp_path, env, expected):
+    proc = start(tmp_path, env={"OAUTH2_INTROSPECTION_PROCESSES": env})
+    try:
+        assert listening(str(tmp_path / "oauth2-introspection.sock"))
+        if expected == 1:   # one CPU: the single process of before, no supervisor
+            assert children(proc.pid) == []
+        else:
+            assert wait_for(lambda: len(children(proc.pid)) == expected)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
