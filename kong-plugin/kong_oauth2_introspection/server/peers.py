@@ -35,7 +35,15 @@ class Peers:
         self.timeout = timeout
         self.log = log
         self._links: Dict[int, _Link] = {}
+        self._warned: Dict[int, float] = {}
         self.forwarded = 0
+
+    def warn(self, slot: int, msg: str) -> None:
+        """At most one line a second per slot: a dead process's Steps come by the hundred."""
+        now = self.loop.time()
+        if now - self._warned.get(slot, -1e9) >= 1.0:
+            self._warned[slot] = now
+            self.log.warn(msg)
 
     def forward(self, slot: int, method: str, arg: Any, conn: Any, msgid: Any,
                 event_id: Any) -> None:
@@ -73,8 +81,8 @@ class _Link(asyncio.Protocol):
     def _connected(self, task: "asyncio.Task[Any]") -> None:
         err = None if task.cancelled() else task.exception()
         if task.cancelled() or err is not None:
-            self.peers.log.warn("process slot %d unreachable (%s); its events are refused"
-                                % (self.slot, type(err).__name__ if err else "cancelled"))
+            self.peers.warn(self.slot, "process slot %d unreachable (%s); Steps for its events "
+                            "refused" % (self.slot, type(err).__name__ if err else "cancelled"))
             self._fail_all()
 
     def connection_made(self, transport: Any) -> None:
@@ -120,8 +128,8 @@ class _Link(asyncio.Protocol):
     def _expire(self, fid: int) -> None:
         entry = self._pending.pop(fid, None)
         if entry is not None:
-            self.peers.log.warn("process slot %d did not answer a Step in %g s; refused"
-                                % (self.slot, self.peers.timeout))
+            self.peers.warn(self.slot, "process slot %d did not answer a Step in %g s; refused"
+                            % (self.slot, self.peers.timeout))
             self.peers.refuse(entry[0], entry[1], entry[2])
 
     def _fail_all(self) -> None:
