@@ -380,3 +380,18 @@ def test_the_process_count_comes_from_the_environment_or_the_cpus(tmp_path, env,
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_refused_second_server_leaves_the_first_ones_metrics_alone(tmp_path):
+    first = start(tmp_path, "--processes", "2", "--metrics-port", "0")
+    try:
+        assert listening(str(tmp_path / "oauth2-introspection.sock"))
+        metrics_dir = tmp_path / "oauth2-introspection.node" / "metrics" / str(first.pid)
+        assert wait_for(lambda: metrics_dir.is_dir() and list(metrics_dir.iterdir()))
+        files = sorted(p.name for p in metrics_dir.iterdir())
+        second = start(tmp_path, "--processes", "2", "--metrics-port", "0")
+        assert second.wait(timeout=30) == 2
+        assert sorted(p.name for p in metrics_dir.iterdir()) == files
+    finally:
+        first.terminate()
+        first.wait(timeout=20)

@@ -218,10 +218,10 @@ def _processes(given: Optional[int]) -> Optional[int]:
 def _multiprocess_metrics(prefix: str, plugin: str) -> None:
     """Every process counts into files that slot 0's /metrics sums (prometheus_client's
     multiprocess mode, chosen by this variable before prometheus_client is imported).
-    Emptied at each start: the counts are this plugin server's, as with one process."""
-    import shutil
-    directory = os.path.join(prefix, plugin + ".node", "metrics")
-    shutil.rmtree(directory, ignore_errors=True)
+    A directory of this run's own: a second ``serve`` refused on the same prefix must
+    not touch the first one's; the supervisor removes older runs' once it has the
+    socket (processes.py)."""
+    directory = os.path.join(prefix, plugin + ".node", "metrics", str(os.getpid()))
     try:
         os.makedirs(directory, mode=0o700)
     except OSError:

@@ -19,6 +19,7 @@ only the events it held: Kong fails those open, which the guard turns into 503s.
 import ctypes
 import errno
 import os
+import shutil
 import signal
 import socket
 import time
@@ -77,6 +78,7 @@ class Supervisor:
         try:
             node.set_directory(self.directory)
             table.reset(self.directory)
+            _forget_old_metrics()
         except Exception as err:  # noqa: BLE001 - OSError, lmdb.Error: one line, no traceback
             raise StartError("cannot use the node directory %s: %s"
                              % (self.directory, getattr(err, "strerror", None) or err)) from None
@@ -202,6 +204,18 @@ class Supervisor:
         if pid:
             self.children.pop(pid, None)
         return True
+
+
+def _forget_old_metrics() -> None:
+    """Remove the metrics files of earlier runs on this prefix (ours is cli's fresh
+    PROMETHEUS_MULTIPROC_DIR): the counts are this plugin server's, as with one process."""
+    ours = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not ours:
+        return
+    parent = os.path.dirname(ours)
+    for name in os.listdir(parent):
+        if os.path.join(parent, name) != ours:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _metrics_gone(pid: int) -> None:
