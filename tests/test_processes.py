@@ -289,6 +289,8 @@ def test_sigterm_stops_every_process_and_removes_the_socket(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     assert not os.path.exists(sock)
+    # the instance table (Kong's configs, secrets included) goes with the server
+    assert not (tmp_path / "oauth2-introspection.node" / "instances").exists()
     assert not [p for p in pids if os.path.exists("/proc/%d" % p)
                 and open("/proc/%d/stat" % p).read().rsplit(")", 1)[1].split()[0] != "Z"]
 

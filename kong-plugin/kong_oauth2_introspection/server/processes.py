@@ -187,6 +187,8 @@ class Supervisor:
                 break
         if self._sock is not None:
             self._sock.close()
+        # Kong's configs (secrets included) stay on disk no longer than the server
+        shutil.rmtree(table.path(self.directory), ignore_errors=True)
         for path in [self.socket_path] + [peer_path(self.directory, s)
                                           for s in range(self.processes)]:
             try:
