@@ -8,6 +8,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# ``serve`` runs one process per CPU by default; the tests count IdP calls, read
+# one process's metrics and signal "the" server, so they run one process unless
+# they ask for more (tests/test_processes.py passes --processes, which wins).
+# Servers the tests start directly inherit this; the stand-in, which passes its
+# server only what ``env`` says (as nginx does), gets it through _collect_logs.
+PROCESSES_ENV = "OAUTH2_INTROSPECTION_PROCESSES"
+os.environ.setdefault(PROCESSES_ENV, "1")
+
 
 def plugin_command():
     """The console script Kong's start and query commands run."""
@@ -42,7 +50,8 @@ from authserver_fixture import auth_server  # noqa: E402,F401 - the real authori
 
 _LOGS = []
 # Tally of every request through any stand-in: the figure issue 8 asks for.
-_TALLY = {"requests": 0, "proxied": 0, "passed unauthenticated": 0, "spoofed identity": 0}  # ours only
+_TALLY = {"requests": 0, "proxied": 0, "passed unauthenticated": 0, "spoofed identity": 0,
+          "guard 503": 0}  # ours only
 _SPOOF_VALUES = {"evil"}
 _SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|AUTH|_KEY$|^KEY)")
 
@@ -86,6 +95,8 @@ def _spoofed(result, instances, other_plugin):
 
 def _tally(result, instances, kwargs):
     _TALLY["requests"] += 1
+    if result.guard_exit == 503:   # Kong failed open and the guard refused it
+        _TALLY["guard 503"] += 1
     if result.proxied:
         _TALLY["proxied"] += 1
         if result.passed_unauthenticated:
@@ -101,6 +112,11 @@ def _tally(result, instances, kwargs):
 def _collect_logs():
     from kong import chain, standin
     close, request = standin.KongStandIn.close, standin.KongStandIn.request
+    init = standin.KongStandIn.__init__
+
+    def initing(self, *args, **kwargs):
+        kwargs["env"] = dict({PROCESSES_ENV: os.environ[PROCESSES_ENV]}, **(kwargs.get("env") or {}))
+        init(self, *args, **kwargs)
     chained = chain.Chain.request
 
     def closing(self):
@@ -126,9 +142,11 @@ def _collect_logs():
             _tally(result, [i for _, i in self.pairs], kwargs)
         return result
     standin.KongStandIn.close, standin.KongStandIn.request = closing, requesting
+    standin.KongStandIn.__init__ = initing
     chain.Chain.request = chaining
     yield
     standin.KongStandIn.close, standin.KongStandIn.request = close, request
+    standin.KongStandIn.__init__ = init
     chain.Chain.request = chained
 
 

@@ -101,6 +101,11 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                         help="answer every event within this many seconds, whatever the IdP "
                              "or Redis do (default 30, at most 50: Kong gives up at 60)")
+    parser.add_argument("--processes", type=int, default=None, metavar="N",
+                        help="event-loop processes sharing the socket, so that every core "
+                             "Kong uses serves it (default: $OAUTH2_INTROSPECTION_PROCESSES, "
+                             "else the CPUs this process may use; 1: one process, no "
+                             "supervisor)")
     parser.add_argument("--workers", type=int, default=None,
                         help="threads for blocking calls (IdP, Redis, Admin API; default 256)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -130,6 +135,11 @@ def serve(argv: List[str]) -> int:
     args = _serve_parser().parse_args(argv)
     if args.dump:
         return _dump(args.plugin)
+    processes = _processes(args.processes)
+    if processes is None:
+        return 2
+    if processes > 1 and args.metrics_port is not None and os.path.isdir(args.prefix):
+        _multiprocess_metrics(args.prefix, args.plugin)
     from .log import LOG
     from .server.listener import (DEFAULT_DEADLINE, DEFAULT_WORKERS, MAX_DEADLINE,
                                   PluginServer, StartError)
@@ -160,12 +170,27 @@ def serve(argv: List[str]) -> int:
         return 2
     LOG.threshold = 10 if args.verbose else 20
     from .plugins import load
-    server = PluginServer([load(args.plugin)], deadline=deadline, workers=workers, log=LOG)
-    _observe(args, server, LOG)
-    socket_name = args.socket_name or args.plugin + ".sock"
+    plugin = load(args.plugin)
+    socket_path = os.path.join(args.prefix, args.socket_name or args.plugin + ".sock")
     try:
-        run(os.path.join(args.prefix, socket_name), server,
-            backlog=args.listen_queue_size)
+        if processes == 1:
+            server = PluginServer([plugin], deadline=deadline, workers=workers, log=LOG)
+            _observe(args, server, LOG)
+            run(socket_path, server, backlog=args.listen_queue_size)
+        else:
+            from .server.processes import Supervisor, node_directory
+
+            def make_server(slot: int, table) -> PluginServer:
+                # in the child, after the fork: threads, pools and ports are its own
+                server = PluginServer([plugin], deadline=deadline, workers=workers, log=LOG,
+                                      table=table, slot=slot)
+                _observe(args, server, LOG, serve_metrics=slot == 0)
+                return server
+            supervisor = Supervisor(socket_path, node_directory(args.prefix, args.plugin),
+                                    processes, make_server, LOG,
+                                    backlog=args.listen_queue_size)
+            supervisor.start()
+            supervisor.run()
     except StartError as err:
         _fail(str(err))
         return 2
@@ -174,11 +199,45 @@ def serve(argv: List[str]) -> int:
     return 0
 
 
-def _observe(args: argparse.Namespace, server, log) -> None:
+def _processes(given: Optional[int]) -> Optional[int]:
+    from .server.sizing import ENV, MAX_PROCESSES, default_processes
+    where = "--processes"
+    if given is None and os.environ.get(ENV, "").strip():
+        where = ENV
+        try:
+            given = int(os.environ[ENV])
+        except ValueError:
+            given = 0
+    count = default_processes() if given is None else given
+    if not 1 <= count <= MAX_PROCESSES:
+        _fail(f"{where} must be a whole number from 1 to {MAX_PROCESSES}")
+        return None
+    return count
+
+
+def _multiprocess_metrics(prefix: str, plugin: str) -> None:
+    """Every process counts into files that slot 0's /metrics sums (prometheus_client's
+    multiprocess mode, chosen by this variable before prometheus_client is imported).
+    A directory of this run's own: a second ``serve`` refused on the same prefix must
+    not touch the first one's; the supervisor removes older runs' once it has the
+    socket (processes.py)."""
+    directory = os.path.join(prefix, plugin + ".node", "metrics", str(os.getpid()))
+    try:
+        os.makedirs(directory, mode=0o700)
+    except OSError:
+        return   # the metrics stay per process; serve reports the directory itself
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+
+
+def _observe(args: argparse.Namespace, server, log, serve_metrics: bool = True) -> None:
     """Metrics and tracing, when asked for. Failing to start either is logged and
-    the server runs without it: refusing requests over telemetry would be worse."""
+    the server runs without it: refusing requests over telemetry would be worse.
+    With several processes every one counts and only the first (slot 0) serves the
+    port, with the sums of all of them."""
     from . import metrics, tracing
-    if args.metrics_port is not None:
+    if args.metrics_port is not None and not serve_metrics:
+        metrics.enable(server)
+    if args.metrics_port is not None and serve_metrics:
         try:
             _, port = metrics.serve_http(args.metrics_address, args.metrics_port, server)
         except OSError as err:

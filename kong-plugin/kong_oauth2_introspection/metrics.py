@@ -7,9 +7,14 @@ and tracing are both off each one is a function call and one test of a global
 (tens of nanoseconds: tests/test_metrics.py measures it), and none of them ever
 makes a PDK call, so a cache hit costs what it cost before.
 
-The plugin server is one process (kong-pdk's ``-m`` is refused by ``serve``),
-so the default, single-process collectors are right: there is nothing to
-aggregate across processes.
+With one process (``serve --processes 1``) the default collectors are right.
+With several, ``serve`` sets PROMETHEUS_MULTIPROC_DIR (under the node directory)
+before this module is imported: every process counts into its own files and the
+first process's /metrics serves prometheus_client's sums over all of them
+(counters and histograms summed, dead processes' counts kept; events in flight
+summed over the live ones; instances labelled per pid). What only one process
+can read (its CPU, memory, GC, circuit breakers, replay store) is left out
+there: prometheus_client's multiprocess mode cannot aggregate it.
 
 Labels never carry a token, a secret or an unbounded value: endpoints are
 ``scheme://host:port/path`` (no user info, no query), reasons and kinds come from
@@ -18,6 +23,7 @@ fixed lists, and Redis failures are named by their exception class.
 
 import ipaddress
 import json
+import os
 import time
 from functools import lru_cache
 from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
@@ -52,12 +58,13 @@ CACHE_RESULTS = ("hit", "shared_hit", "coalesced", "miss", "stale")
 IDP_FAILURES = ("connect", "tls", "timeout", "too_large", "deadline", "http_5xx",
                 "http_status", "invalid_answer")
 
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 REGISTRY = CollectorRegistry(auto_describe=True)
 _IDP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _REDIS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 INFO = Gauge(PREFIX + "info", "The plugin server's version (always 1)", ["version"],
-             registry=REGISTRY)
+             registry=REGISTRY, multiprocess_mode="max")
 DECISIONS = Counter(PREFIX + "decisions", "Requests decided, by outcome and reason",
                     ["outcome", "reason"], registry=REGISTRY)
 CACHE = Counter(PREFIX + "cache_lookups", "Token lookups by where the answer came from: "
@@ -82,9 +89,10 @@ EVENTS = Counter(PREFIX + "events", "Kong events (one per request and phase) han
 PDK_CALLS = Counter(PREFIX + "pdk_calls", "PDK round trips to Kong (divide by events for "
                     "round trips per request)", registry=REGISTRY)
 IN_FLIGHT = Gauge(PREFIX + "events_in_flight", "Kong events being handled now",
-                  registry=REGISTRY)
-INSTANCES = Gauge(PREFIX + "plugin_instances", "Plugin instances Kong started",
-                  registry=REGISTRY)
+                  registry=REGISTRY, multiprocess_mode="livesum")
+INSTANCES = Gauge(PREFIX + "plugin_instances", "Plugin instances Kong started (with several "
+                  "processes: those each process has built, by pid)",
+                  registry=REGISTRY, multiprocess_mode="liveall")
 REPLAY_FULL = Counter(PREFIX + "replay_store_full", "Proofs refused because the in-process "
                       "replay store was full (it never evicts an unexpired proof)",
                       registry=REGISTRY)
@@ -115,6 +123,12 @@ ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 GCCollector(registry=REGISTRY)
 INFO.labels(VERSION).set(1)
+if MULTIPROCESS:
+    from prometheus_client import multiprocess
+    SERVED = CollectorRegistry()
+    multiprocess.MultiProcessCollector(SERVED)
+else:
+    SERVED = REGISTRY
 
 
 @lru_cache(maxsize=256)
@@ -168,13 +182,24 @@ def cache(result: str) -> None:
 
 def event_done(deadline: Any) -> None:
     """An event was answered; counted as expired when that was at or past its deadline."""
-    if ENABLED and deadline.expired:
-        DEADLINES.inc()
+    if ENABLED:
+        if MULTIPROCESS:    # no read-at-scrape gauge across processes: count it
+            IN_FLIGHT.dec()
+        if deadline.expired:
+            DEADLINES.inc()
 
 
 def event() -> None:
     if ENABLED:
         EVENTS.inc()
+        if MULTIPROCESS:
+            IN_FLIGHT.inc()
+
+
+def instances(count: int) -> None:
+    """The instances this process holds now (read at scrape time with one process)."""
+    if ENABLED and MULTIPROCESS:
+        INSTANCES.set(count)
 
 
 def pdk_call() -> None:
@@ -278,7 +303,7 @@ def loopback(address: str) -> bool:
 def enable(server: Any = None) -> None:
     """Count from now on; gauges that read ``server`` (a listener.PluginServer)."""
     global ENABLED
-    if server is not None:
+    if server is not None and not MULTIPROCESS:
         IN_FLIGHT.set_function(lambda: len(server.events))
         INSTANCES.set_function(lambda: len(server.instances))
     ENABLED = True
@@ -290,7 +315,7 @@ def disable() -> None:
 
 
 def exposition() -> bytes:
-    return generate_latest(REGISTRY)
+    return generate_latest(SERVED)
 
 
 def _route(plugin_server: Any) -> Callable[[str], Tuple[int, str, bytes]]:

@@ -42,6 +42,8 @@ from .. import metrics
 from ..concurrency import Deadline, DeadlineExceeded, deadline_scope
 from ..config import REQUEST_DEADLINE
 from ..log import LOG, Log
+from .peers import Peers
+from .table import InstanceTable, Record
 
 RET = "ret"
 TERMINAL = frozenset({"kong.response.exit", "kong.response.error"})
@@ -54,6 +56,13 @@ MAX_INSTANCES = 4096       # Kong never closes instances of a worker that died
 INSTANCE_IDLE = 600.0      # ... nor those it lost in a race; Kong restarts a closed one
 ABANDONED_AFTER = 70.0     # an event Kong stopped stepping is dropped after this
 SWEEP_INTERVAL = 5.0
+# With several processes an event id names its process: id % EVENT_SLOTS is the
+# process's slot (so a Step on another process's connection finds its way,
+# peers.py), and each process starts counting at the node's monotonic clock in
+# 10 us units, so a replacement never reuses an id its dead predecessor handed
+# Kong (no process starts 100,000 events a second). Lua numbers hold integers to
+# 2**53: 45 years of uptime.
+EVENT_SLOTS = 64
 
 # What a greenlet hands the loop when it switches back.
 _CALL, _EXIT, _PARK, _RET, _DONE = "call", "exit", "park", "ret", "done"
@@ -161,12 +170,13 @@ def _in_worker(fn: Callable[..., Any], args: Tuple[Any, ...], deadline: Deadline
 class _Instance:
     __slots__ = ("id", "name", "plugin", "config", "started", "used")
 
-    def __init__(self, iid: int, name: str, plugin: Any, config: Any):
+    def __init__(self, iid: int, name: str, plugin: Any, config: Any,
+                 started: Optional[float] = None):
         self.id = iid
         self.name = name
         self.plugin = plugin
         self.config = config
-        self.started = time.time()
+        self.started = time.time() if started is None else started
         self.used = time.monotonic()
 
 
@@ -177,8 +187,9 @@ def _packer() -> msgpack.Packer:
 class _Connection(asyncio.Protocol):
     """One of Kong's pooled connections; any of them may carry any event's Step."""
 
-    def __init__(self, server: "PluginServer"):
+    def __init__(self, server: "PluginServer", from_peer: bool = False):
         self.server = server
+        self.from_peer = from_peer   # another process of ours forwarding a Step
         self.transport: Optional[asyncio.Transport] = None
         # Lenient: a header byte that is not UTF-8 becomes a lone surrogate, and
         # goes back to Kong as the same byte.
@@ -217,7 +228,8 @@ class PluginServer:
     """The plugins' instances and events, and the loop that serves them."""
 
     def __init__(self, plugins: Iterable[type], *, deadline: float = DEFAULT_DEADLINE,
-                 workers: int = DEFAULT_WORKERS, log: Log = LOG):
+                 workers: int = DEFAULT_WORKERS, log: Log = LOG,
+                 table: Optional[InstanceTable] = None, slot: Optional[int] = None):
         self.plugins: Dict[str, type] = {cls.NAME: cls for cls in plugins}  # type: ignore[attr-defined]
         self.deadline = min(float(deadline), MAX_DEADLINE)
         self.log = log
@@ -226,7 +238,13 @@ class PluginServer:
         self.instances: "collections.OrderedDict[int, _Instance]" = collections.OrderedDict()
         self.events: Dict[int, _Event] = {}
         self._next_instance = 0
-        self._next_event = 0
+        # One process: ids from 0, as always. One of several: see EVENT_SLOTS.
+        self.table = table
+        self.slot = slot
+        self.peers: Optional[Peers] = None
+        self._event_step = 1 if slot is None else EVENT_SLOTS
+        self._next_event = 0 if slot is None else \
+            (time.monotonic_ns() // 10_000) * EVENT_SLOTS + slot
         self.main = greenlet.getcurrent()
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self._methods: Dict[str, Callable[["_Connection", Any, Any], None]] = {
@@ -274,6 +292,8 @@ class PluginServer:
     def _handle_event(self, conn: _Connection, msgid: Any, arg: Any) -> None:
         iid = arg.get("InstanceId") if isinstance(arg, dict) else None
         instance = self.instances.get(iid)  # type: ignore[arg-type]
+        if instance is None and self.table is not None:
+            instance = self._adopt(iid)
         if instance is None:
             # Kong's cue to start the instance again and retry this request.
             conn.reply(msgid, "no plugin instance #%s" % (iid,), None)
@@ -282,7 +302,7 @@ class PluginServer:
         instance.used = now = time.monotonic()
         handler = getattr(instance.plugin, str(arg.get("EventName")), None)
         event_id = self._next_event
-        self._next_event += 1
+        self._next_event += self._event_step
         if handler is None:
             conn.reply(msgid, None, {"Data": RET, "EventId": event_id})
             return
@@ -295,6 +315,12 @@ class PluginServer:
     def _step(self, conn: _Connection, msgid: Any, arg: Any, failed: bool = False) -> None:
         eid = arg.get("EventId") if isinstance(arg, dict) else None
         event = self.events.get(eid)  # type: ignore[arg-type]
+        if event is None and self.peers is not None and not conn.from_peer \
+                and type(eid) is int and eid % EVENT_SLOTS != self.slot:
+            # another process's event, on a connection Kong happened to pick
+            self.peers.forward(eid % EVENT_SLOTS, "plugin.StepError" if failed
+                               else "plugin.Step", arg, conn, msgid, eid)
+            return
         if event is None or event.reply_to is not None or event.parked is not None:
             # A request we cannot finish (we restarted, or dropped it): refuse it
             # rather than let Kong pass it on.
@@ -385,6 +411,19 @@ class PluginServer:
         for instance in [i for i in self.instances.values() if now - i.used > INSTANCE_IDLE]:
             del self.instances[instance.id]
             self._close(instance)
+        if self.table is not None:
+            # Kong closed these through another process (or the table's cap dropped
+            # them): free what this process built for them. An idle one closed above
+            # stays in the table and is built again on its next event.
+            try:
+                live = self.table.ids()
+                self.table.sweep()
+            except Exception as err:  # noqa: BLE001 - lmdb.Error; try again next sweep
+                self.log.warn("instance table unreadable (%s)" % type(err).__name__)
+            else:
+                for instance in [i for i in self.instances.values() if i.id not in live]:
+                    del self.instances[instance.id]
+                    self._close(instance)
         for event in [e for e in self.events.values()
                       if now > e.deadline.at + ABANDONED_AFTER and e.parked is None]:
             self._finish(event)
@@ -406,18 +445,58 @@ class PluginServer:
         except (TypeError, ValueError):
             conn.reply(msgid, "config is not JSON", None)
             return
+        started = time.time()
+        if self.table is None:
+            iid = self._next_instance
+            self._next_instance += 1
+        else:
+            try:
+                iid = self.table.add(name, arg.get("Config") or "{}", started)  # type: ignore[arg-type]
+            except Exception as err:  # noqa: BLE001 - lmdb.Error: Kong answers 500, retries
+                self.log.err("instance table unwritable (%s); StartInstance refused"
+                             % type(err).__name__)
+                conn.reply(msgid, "instance table unwritable", None)
+                return
         plugin = cls(config)  # never raises: an unusable config answers 500 per request
-        iid = self._next_instance
-        self._next_instance += 1
-        self.instances[iid] = _Instance(iid, name, plugin, config)  # type: ignore[arg-type]
+        self._keep(_Instance(iid, name, plugin, config, started))  # type: ignore[arg-type]
+        self.log.debug("instance #%d of %s started" % (iid, name))
+        conn.reply(msgid, None, {"Name": name, "Id": iid, "Config": config,
+                                 "StartTime": started})
+
+    def _keep(self, instance: _Instance) -> None:
+        self.instances[instance.id] = instance
         while len(self.instances) > MAX_INSTANCES:
             _, old = self.instances.popitem(last=False)
             self._close(old)
-        self.log.debug("instance #%d of %s started" % (iid, name))
-        conn.reply(msgid, None, {"Name": name, "Id": iid, "Config": config,
-                                 "StartTime": time.time()})
+        metrics.instances(len(self.instances))
+
+    def _record(self, iid: Any) -> Optional[Record]:
+        if self.table is None:
+            return None
+        try:
+            return self.table.get(iid)
+        except Exception as err:  # noqa: BLE001 - lmdb.Error: as if unknown
+            self.log.err("instance table unreadable (%s)" % type(err).__name__)
+            return None
+
+    def _adopt(self, iid: Any) -> Optional[_Instance]:
+        """An instance another process started: built here on its first event."""
+        record = self._record(iid)
+        cls = self.plugins.get(record.name) if record is not None else None
+        if record is None or cls is None:
+            return None
+        try:
+            config = json.loads(record.config)
+        except ValueError:
+            return None
+        instance = _Instance(record.id, record.name, cls(config), config, record.started)
+        self._keep(instance)
+        self.log.debug("instance #%d of %s built from the node's table"
+                       % (record.id, record.name))
+        return instance
 
     def _close(self, instance: _Instance) -> None:
+        metrics.instances(len(self.instances))   # callers removed it already
         close = getattr(instance.plugin, "close", None)
         if close is not None:
             try:
@@ -428,25 +507,49 @@ class PluginServer:
 
     def _close_instance(self, conn: _Connection, msgid: Any, arg: Any) -> None:
         instance = self.instances.pop(arg, None)  # type: ignore[call-overload]
-        if instance is None:
+        record = None
+        if self.table is not None:
+            try:
+                record = self.table.remove(arg)
+            except Exception as err:  # noqa: BLE001 - lmdb.Error; the cap bounds the table
+                self.log.err("instance table unwritable (%s)" % type(err).__name__)
+        if instance is not None:
+            self._close(instance)
+            conn.reply(msgid, None, {"Name": instance.name, "Id": instance.id,
+                                     "Config": instance.config})
+        elif record is not None:
+            conn.reply(msgid, None, {"Name": record.name, "Id": record.id,
+                                     "Config": _json_or_none(record.config)})
+        else:
             conn.reply(msgid, "no plugin instance #%s" % (arg,), None)
-            return
-        self._close(instance)
-        conn.reply(msgid, None, {"Name": instance.name, "Id": instance.id,
-                                 "Config": instance.config})
 
     def _instance_status(self, conn: _Connection, msgid: Any, arg: Any) -> None:
-        instance = self.instances.get(arg)  # type: ignore[call-overload]
+        instance = None if self.table is not None else \
+            self.instances.get(arg)  # type: ignore[call-overload]
         if instance is None:
-            conn.reply(msgid, "no plugin instance #%s" % (arg,), None)
+            # the node's table, not this process's copy: Kong may have closed it
+            # through another process
+            record = self._record(arg)
+            if record is None:
+                conn.reply(msgid, "no plugin instance #%s" % (arg,), None)
+                return
+            conn.reply(msgid, None, {"Name": record.name, "Id": record.id,
+                                     "Config": _json_or_none(record.config),
+                                     "StartTime": record.started})
             return
         conn.reply(msgid, None, {"Name": instance.name, "Id": instance.id,
                                  "Config": instance.config, "StartTime": instance.started})
 
     def _get_status(self, conn: _Connection, msgid: Any, arg: Any) -> None:
+        rows: Iterable[Any] = self.instances.values()
+        if self.table is not None:
+            try:
+                rows = self.table.records()   # the node's, not only this process's
+            except Exception as err:  # noqa: BLE001 - lmdb.Error: this process's then
+                self.log.err("instance table unreadable (%s)" % type(err).__name__)
         status = {name: {"Name": name, "Instances": [
             {"Name": i.name, "Id": i.id, "StartTime": i.started}
-            for i in self.instances.values() if i.name == name]} for name in self.plugins}
+            for i in rows if i.name == name]} for name in self.plugins}
         conn.reply(msgid, None, {"Pid": os.getpid(), "Plugins": status})
 
     def _set_plugin_dir(self, conn: _Connection, msgid: Any, arg: Any) -> None:
@@ -461,11 +564,27 @@ class PluginServer:
 
     # -- running -------------------------------------------------------------------
 
+    def refuse(self, conn: Any, msgid: Any, event_id: Any) -> None:
+        """Answer a Step this server cannot carry on with: 500, never Kong's 60 s."""
+        conn.reply(msgid, None, {"Data": FAILURE_ANSWER, "EventId": event_id})
+
     def close(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
         for instance in list(self.instances.values()):
             self._close(instance)
         self.instances.clear()
+        if self.table is not None:
+            self.table.close()
+            self.table = None
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def plugin_info(cls: Any) -> Dict[str, Any]:
@@ -554,37 +673,18 @@ def serve(socket_path: str, server: PluginServer, *, backlog: int = 4096) -> Non
     when the socket cannot be had."""
     _take_socket_path(socket_path)
     nofile = raise_nofile(server.log)
-    loop = new_loop()
-    asyncio.set_event_loop(loop)
-    server.loop = loop
-    server.main = greenlet.getcurrent()
+    loop = _loop_for(server)
     try:
         listener = loop.run_until_complete(loop.create_unix_server(
             lambda: _Connection(server), path=socket_path, backlog=backlog))
     except OSError as err:
         loop.close()
-        hint = (" (the plugin server runs as uid %d: Kong's prefix must be writable by "
-                "that user)" % os.getuid()) if isinstance(err, PermissionError) else ""
-        raise StartError("cannot listen on %s: %s%s"
-                         % (socket_path, err.strerror or err, hint)) from None
-    parent = os.getppid()
-
-    def housekeeping():
-        server._sweep()
-        if os.getppid() != parent:  # Kong died: re-parented to init
-            server.log.info("Kong is gone; exiting")
-            loop.stop()
-            return
-        loop.call_later(SWEEP_INTERVAL, housekeeping)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, loop.stop)
-    loop.call_later(SWEEP_INTERVAL, housekeeping)
+        raise listen_error(socket_path, err) from None
     server.log.info("serving %s on %s (deadline %g s, %d worker threads, %d open files)"
                     % (", ".join(server.plugins), socket_path, server.deadline,
                        server.pool._max_workers, nofile))
     try:
-        loop.run_forever()
+        _run(loop, server, os.getppid())
     finally:
         listener.close()
         server.close()
@@ -592,3 +692,63 @@ def serve(socket_path: str, server: PluginServer, *, backlog: int = 4096) -> Non
             os.unlink(socket_path)
         except OSError:
             pass
+
+
+def serve_child(sock: Any, peer_path: str, path_of: Callable[[int], str],
+                server: PluginServer, *, backlog: int = 4096) -> None:
+    """One of ``serve --processes N``'s processes (processes.py): accept on the
+    socket the parent listens on, and on ``peer_path`` for Steps the other processes
+    received for this one's events. Returns when told to stop or when the parent is
+    gone; the parent owns (and removes) the socket file."""
+    loop = _loop_for(server)
+    try:
+        os.unlink(peer_path)   # a predecessor in this slot died without removing it
+    except FileNotFoundError:
+        pass
+    listener = loop.run_until_complete(loop.create_unix_server(
+        lambda: _Connection(server), sock=sock, backlog=backlog))
+    peer_listener = loop.run_until_complete(loop.create_unix_server(
+        lambda: _Connection(server, from_peer=True), path=peer_path, backlog=backlog))
+    server.peers = Peers(loop, path_of, server.refuse,
+                         min(server.deadline + 5.0, MAX_DEADLINE + 5.0), server.log)
+    try:
+        _run(loop, server, os.getppid())
+    finally:
+        listener.close()
+        peer_listener.close()
+        server.close()
+        try:
+            os.unlink(peer_path)
+        except OSError:
+            pass
+
+
+def listen_error(socket_path: str, err: OSError) -> StartError:
+    hint = (" (the plugin server runs as uid %d: Kong's prefix must be writable by "
+            "that user)" % os.getuid()) if isinstance(err, PermissionError) else ""
+    return StartError("cannot listen on %s: %s%s" % (socket_path, err.strerror or err, hint))
+
+
+def _loop_for(server: PluginServer) -> asyncio.AbstractEventLoop:
+    loop = new_loop()
+    asyncio.set_event_loop(loop)
+    server.loop = loop
+    server.main = greenlet.getcurrent()
+    return loop
+
+
+def _run(loop: asyncio.AbstractEventLoop, server: PluginServer, parent: int) -> None:
+    """Run the loop until SIGTERM/SIGINT or until ``parent`` is gone."""
+    def housekeeping():
+        server._sweep()
+        if os.getppid() != parent:  # Kong (or our supervisor) died: re-parented
+            server.log.info("%s is gone; exiting"
+                            % ("Kong" if server.slot is None else "the parent process"))
+            loop.stop()
+            return
+        loop.call_later(SWEEP_INTERVAL, housekeeping)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, loop.stop)
+    loop.call_later(SWEEP_INTERVAL, housekeeping)
+    loop.run_forever()
