@@ -397,3 +397,37 @@ def test_a_refused_second_server_leaves_the_first_ones_metrics_alone(tmp_path):
     finally:
         first.terminate()
         first.wait(timeout=20)
+
+
+def test_without_redis_the_processes_ask_the_idp_once_per_token(idp):
+    """The node cache (issue 21, item 2) through the real ``serve --processes 2``:
+    the same tokens sent over Kong's connections to both processes, at once and
+    again later, cost one IdP call each."""
+    tokens = ["%s-shared-%d" % (TOKEN, i) for i in range(12)]
+    with server(2) as kong:
+        pids = wait_for(lambda: len(children(kong.pid)) == 2 and children(kong.pid))
+        assert len(pids) == 2
+        inst = kong.configure(config(idp.url))
+        before = len(idp.calls)
+        results, lock = [], threading.Lock()
+
+        def load(n):
+            for rnd in range(3):
+                for token in tokens[n % 3::3] + tokens:
+                    r = kong.request(inst, headers={"Authorization": "Bearer " + token})
+                    with lock:
+                        results.append(r)
+        threads = [threading.Thread(target=load, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results and all(r.status == 200 for r in results)
+        serving = set()
+        for c in list(kong._rpc._pool):
+            c.sendall(msgpack.packb([0, 1 << 20, "plugin.GetStatus", [None]]))
+            serving.add(msgpack.unpackb(c.recv(65536), raw=False)[3]["Pid"])
+        assert serving == set(pids)          # both processes answered requests
+        asked = [call.form.get("token") for call in idp.calls[before:]]
+        assert sorted(asked) == sorted(tokens), "IdP calls: %d for %d tokens" % (
+            len(asked), len(tokens))
