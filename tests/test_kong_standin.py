@@ -507,16 +507,30 @@ def test_plugin_exception_fails_open_after_the_timeout(fragile):
     # kong-pdk's traceback ends with the exception's own line: wait until it is all there
     log = wait_for_log_line(fragile, "RuntimeError: plugin bug")
     assert "in do_raise" in log
-    assert act(fragile, inst, "nothing").kong_error is None       # other events still served
+    # Kong put the timed-out connection back in its pool: the next event on it waits
+    # the timeout out again and fails open too (transcript after_silent_next_request)
+    with pytest.raises(FailedOpen) as e:
+        act(fragile, inst, "nothing", headers={"X-Consumer-ID": "evil"})
+    assert e.value.result.kong_error == "no data"
+    assert e.value.result.upstream.headers["X-Consumer-ID"] == "evil"
+    # once nginx has closed that idle connection, other events are served again
+    fragile.expire_rpc_pool()
+    assert act(fragile, inst, "nothing").kong_error is None
 
 
 def test_fail_open_record_mode_counts_instead_of_raising():
     with KongStandIn(PROBE, rpc_timeout=0.5, fail_open="record") as k:
         bad = k.configure({"name": "n", "raise_early": True})
         good = k.configure({"name": "n"})
+        assert act(k, good, "nothing").kong_error is None     # its instance runs
         r = k.request(bad)
         assert r.failed_open and r.passed_unauthenticated and r.kong_error == "no data"
-        # kong-pdk's handle_event holds its event lock while waiting: everything hangs now
+        # on Kong's pooled connection, which still holds the unanswered event
+        r = act(k, good, "nothing")
+        assert r.passed_unauthenticated and r.kong_error == "no data"
+        # kong-pdk's handle_event holds its event lock while waiting: a fresh
+        # connection hangs too
+        k.expire_rpc_pool()
         r = act(k, good, "nothing")
         assert r.passed_unauthenticated and r.kong_error == "no data"
         k.restart_server()
@@ -546,10 +560,16 @@ def test_hung_server_fails_open_after_rpc_timeout(fragile):
     try:
         started = time.monotonic()
         with pytest.raises(FailedOpen) as e:
-            act(fragile, inst, "nothing")
+            act(fragile, inst, "nothing", headers={"X-Consumer-ID": "evil"})
         assert e.value.result.kong_error == "no data" and time.monotonic() - started >= 0.5
+        assert e.value.result.upstream.headers["X-Consumer-ID"] == "evil"
     finally:
         fragile.resume_server()
+    # the resumed server answers the timed-out event late, on the connection Kong
+    # pooled; nginx resets that idle connection as the answer arrives
+    # (fail_late_answer), so the next request connects anew and is served
+    # (after_late_answer_next_request)
+    assert fragile.await_late_answers() == 1
     assert act(fragile, inst, "nothing").kong_error is None
 
 
