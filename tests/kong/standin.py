@@ -87,6 +87,7 @@ class KongStandIn(object):
     default), ``kong_version`` ("3.9"; "2.8" answers ``nil, err`` with StepError),
     ``client_body_buffer_size`` (8192), ``fail_open`` ("raise" or "record"),
     ``instance_claim_wait`` (10 s), ``respawn`` (worker 0 respawns the server),
+    ``respawn_interval`` (1 s: the least time between two spawns),
     ``post_function`` (guard chunks), ``socket_name`` (default ``<first plugin>``),
     ``upstream_response`` ((status, header pairs, body) the upstream answers; by
     default 200, no headers, empty body), ``proxy_port`` (Kong's proxy listener).
@@ -98,7 +99,8 @@ class KongStandIn(object):
                  rpc_timeout: float = 60.0, start_timeout: float = 20.0,
                  kong_version: str = "3.9", client_body_buffer_size: int = DEFAULT_BODY_BUFFER,
                  fail_open: str = "raise", instance_claim_wait: float = 10.0,
-                 respawn: bool = False, post_function: Optional[Sequence[str]] = None,
+                 respawn: bool = False, respawn_interval: float = 1.0,
+                 post_function: Optional[Sequence[str]] = None,
                  socket_name: Optional[str] = None, inherit_env: bool = False,
                  plugins_info: Optional[List[Dict[str, Any]]] = None,
                  start_cmd: Optional[str] = None, socket_path: Optional[str] = None,
@@ -127,6 +129,7 @@ class KongStandIn(object):
         self.client_body_buffer_size = client_body_buffer_size
         self.fail_open = fail_open
         self.respawn = respawn
+        self.respawn_interval = respawn_interval   # process.lua: next_spawn = now + 1
         self.node_id = str(uuid.uuid4())
         self.route: Dict[str, Any] = {"id": str(uuid.uuid4()), "name": "standin-route", "paths": ["/"],
                       "protocols": ["http", "https"], "strip_path": True,
@@ -248,7 +251,7 @@ class KongStandIn(object):
                                      % (self.name, how)))
         if not self.respawn:
             return
-        time.sleep(max(0.0, self._last_spawn + 1.0 - time.monotonic()))
+        time.sleep(max(0.0, self._last_spawn + self.respawn_interval - time.monotonic()))
         with self._proc_lock:
             if proc is not self._proc or self._closing:
                 return
