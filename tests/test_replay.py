@@ -453,6 +453,7 @@ def _replay_life(t: Dict[str, Any], tmp: Path) -> None:
     current = {"inst": first}
     results: Dict[str, Tuple[Any, float]] = {}
     threads: List[threading.Thread] = []
+    kills: List[Tuple[float, float]] = []      # (when, how long that server had run)
     if any(s.get("action") == "sleep_if_armed" for s in t["script"]):
         for s in t["script"]:
             if s.get("action") == "sleep_if_armed":
@@ -483,6 +484,7 @@ def _replay_life(t: Dict[str, Any], tmp: Path) -> None:
                 if name not in CONCURRENT and arg["elapsed_s"] < 0.5:
                     th.join()        # else it ends with what happens next (a kill)
             elif what == "kill":
+                kills.append((time.monotonic(), time.monotonic() - kong.spawns[-1][0]))
                 kong.kill_server()
             elif what == "stop":
                 kong.hang_server()
@@ -530,6 +532,13 @@ def _replay_life(t: Dict[str, Any], tmp: Path) -> None:
     finally:
         kong.close()
     _compare_life(t, replay, results, msgs)
+    # a server that ran longer than the respawn interval is respawned at once
+    for at, age in kills:
+        if age >= 1.0 * LIFE_SCALE:
+            after = [s for s, _ in kong.spawns if s >= at]
+            assert after and after[0] - at < 1.0 * LIFE_SCALE, \
+                "%s: a server that ran %.2f s was respawned %s s after the kill" % (
+                    name, age, "%.2f" % (after[0] - at) if after else "never")
 
 
 def _gone(pid: int, timeout: float) -> Optional[float]:
