@@ -8,6 +8,10 @@ script of PDK calls, and checks that the stand-in does what real Kong did:
 4. the client's status, headers and body (volatile values aside);
 5. for failure scenarios, the timing class (at once, or after Kong's RPC timeout,
    scaled down here) and whether Kong failed open.
+The lifecycle transcripts (life_*: Kong starting, killing, respawning and
+stopping the server itself) are played as their recorded timeline at LIFE_SCALE
+speed; every request, the key request in full, the messages Kong sent and the
+respawn timing are checked (_replay_life).
 Transcripts the stand-in cannot model yet are listed in tests/kong/unmodelled.py.
 """
 
