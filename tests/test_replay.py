@@ -400,6 +400,9 @@ def _before(replay: Replay, t: Dict[str, Any], inst: Any) -> None:
 # ---- the lifecycle transcripts (life_*): Kong starts, kills, respawns and stops the
 # server itself; a timeline of recorder actions and (partly concurrent) requests
 
+# what Kong's error.log said about one request (the kinds, not the wording)
+LOG_KINDS = ("no plugin instance", "no data", "connection refused", "starting instance",
+             "Could not claim")
 CONCURRENT = ("life_concurrent_restart", "life_concurrent_after_respawn",
               "life_reload_while_down", "life_claim_timeout")
 
@@ -573,6 +576,12 @@ def _compare_life(t: Dict[str, Any], replay: Replay, results: Dict[str, Tuple[An
         want = (ex["response"]["status"], ex["upstream"]["reached"], _exchange_failed_open(t, ex))
         assert got == want, "%s/%s: (status, upstream reached, failed open) %r, recorded %r (%s)" % (
             name, label, got, want, r.kong_error)
+        if name not in CONCURRENT:    # (which racer met which error is scheduling)
+            logged = {k for k in LOG_KINDS for line in _target_logs(t, ex["request"]["target"])
+                      if k in line}
+            got_logged = {k for k in LOG_KINDS for _, m in r.kong_logs if k in m}
+            assert got_logged == logged, "%s/%s: Kong logged %s, the stand-in %s" % (
+                name, label, sorted(logged), sorted(got_logged))
         if ex["elapsed_s"] > 0.5:     # it waited (a claim, a stopped server): as long, scaled
             assert elapsed >= 0.6 * ex["elapsed_s"] * LIFE_SCALE, \
                 "%s/%s: answered after %.2f s, Kong waited %.2f s (x%.1f)" % (

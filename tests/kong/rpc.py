@@ -147,7 +147,8 @@ class Rpc(object):
             raise RpcError("trying to connect: timeout")
         except OSError as e:
             c.close()
-            raise RpcError("trying to connect: %s" % (e.strerror or e))
+            # nginx's cosocket words it in lower case ("connection refused")
+            raise RpcError("trying to connect: %s" % str(e.strerror or e).lower())
         return c
 
     def call(self, method: str, arg: Any) -> Any:
