@@ -8,6 +8,10 @@ script of PDK calls, and checks that the stand-in does what real Kong did:
 4. the client's status, headers and body (volatile values aside);
 5. for failure scenarios, the timing class (at once, or after Kong's RPC timeout,
    scaled down here) and whether Kong failed open.
+The lifecycle transcripts (life_*: Kong starting, killing, respawning and
+stopping the server itself) are played as their recorded timeline at LIFE_SCALE
+speed; every request, the key request in full, the messages Kong sent and the
+respawn timing are checked (_replay_life).
 Transcripts the stand-in cannot model yet are listed in tests/kong/unmodelled.py.
 """
 
@@ -15,6 +19,7 @@ import base64
 import json
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -38,6 +43,10 @@ SCALE = RPC_TIMEOUT / KONG_TIMEOUT
 CONSUMER = {"id": "8a1c7e5e-4d0b-4c3a-9d55-2f0c6a9b1e01", "username": "alice",
             "custom_id": "alice-cid"}
 UPSTREAM_HOST, UPSTREAM_PORT, PROXY_PORT = "127.0.0.1", 8129, 8120
+# the lifecycle recording (life_*): its own upstream and proxy port; its timeline
+# (kills, respawns once a second, the 10 s claim wait, 60 s timeout) runs at 1/5 speed
+LIFE_UPSTREAM_PORT, LIFE_PROXY_PORT = 8149, 8140
+LIFE_SCALE = 0.2
 UPSTREAM_ANSWER = (200, [("Content-Type", "text/plain; charset=UTF-8"), ("Content-Length", "12"),
                          ("Connection", "close"), ("X-Upstream", "probe-upstream")],
                    b"upstream ok\n")
@@ -189,7 +198,8 @@ def _text(b: bytes) -> Any:
 
 
 class Replay(object):
-    def __init__(self, tmp: Path, version: str, scenarios: List[Dict[str, Any]]) -> None:
+    def __init__(self, tmp: Path, version: str, scenarios: List[Dict[str, Any]],
+                 life: Optional[Path] = None) -> None:
         self.log_path = tmp / "probe.log"
         scripts = {}
         for t in scenarios:
@@ -204,12 +214,23 @@ class Replay(object):
             scripts[t["plugin_config"]["scenario"]] = {"script": script,
                                       "start_instance": t.get("server_start_instance", "ok")}
         (tmp / "scripts.json").write_text(json.dumps(scripts))
-        self.kong = KongStandIn(PROBE, env={"REPLAY_SCRIPTS": str(tmp / "scripts.json"),
-                                            "REPLAY_LOG": str(self.log_path)},
-                                kong_version=version, rpc_timeout=RPC_TIMEOUT,
-                                instance_claim_wait=10.0 * SCALE, fail_open="record",
-                                upstream_response=UPSTREAM_ANSWER, proxy_port=PROXY_PORT)
-        self.kong.service.update(host=UPSTREAM_HOST, port=UPSTREAM_PORT)
+        env = {"REPLAY_SCRIPTS": str(tmp / "scripts.json"), "REPLAY_LOG": str(self.log_path)}
+        if life is None:
+            self.kong = KongStandIn(PROBE, env=env, kong_version=version,
+                                    rpc_timeout=RPC_TIMEOUT, instance_claim_wait=10.0 * SCALE,
+                                    fail_open="record", upstream_response=UPSTREAM_ANSWER,
+                                    proxy_port=PROXY_PORT)
+            self.kong.service.update(host=UPSTREAM_HOST, port=UPSTREAM_PORT)
+        else:
+            # a Kong-managed server (start_cmd): respawned; every wait of the
+            # recording scaled by LIFE_SCALE
+            env["REPLAY_LIFE_DIR"] = str(life)
+            self.kong = KongStandIn(PROBE, env=env, kong_version=version,
+                                    rpc_timeout=KONG_TIMEOUT * LIFE_SCALE,
+                                    instance_claim_wait=10.0 * LIFE_SCALE, fail_open="record",
+                                    respawn=True, respawn_interval=1.0 * LIFE_SCALE,
+                                    upstream_response=UPSTREAM_ANSWER, proxy_port=LIFE_PROXY_PORT)
+            self.kong.service.update(host=UPSTREAM_HOST, port=LIFE_UPSTREAM_PORT)
         self.kong.add_consumer(**CONSUMER)
         self.seen = 0
 
@@ -322,6 +343,9 @@ def test_replay(path: Optional[Path], tmp_path: Path) -> None:
     if reason:
         pytest.xfail("the stand-in cannot model this transcript yet: " + reason)
     t = _load(path.parent, path.stem)
+    if t["scenario"].startswith("life_"):
+        _replay_life(t, tmp_path)
+        return
     if t["scenario"] in SAME_ROUTE:
         # the request went to another scenario's route: that plugin entity answers
         t = dict(t, plugin_config=_load(path.parent, SAME_ROUTE[t["scenario"]])["plugin_config"])
@@ -371,3 +395,246 @@ def _before(replay: Replay, t: Dict[str, Any], inst: Any) -> None:
         replay.kong.kill_server()
         replay.kong.restart_server()
     replay.new_messages()
+
+
+# ---- the lifecycle transcripts (life_*): Kong starts, kills, respawns and stops the
+# server itself; a timeline of recorder actions and (partly concurrent) requests
+
+# what Kong's error.log said about one request (the kinds, not the wording)
+LOG_KINDS = ("no plugin instance", "no data", "connection refused", "starting instance",
+             "Could not claim")
+CONCURRENT = ("life_concurrent_restart", "life_concurrent_after_respawn",
+              "life_reload_while_down", "life_claim_timeout")
+
+
+def _target_logs(t: Dict[str, Any], target: str) -> List[str]:
+    return [line for line in t["kong_log"] if '"GET %s HTTP' % target in line]
+
+
+def _exchange_failed_open(t: Dict[str, Any], ex: Dict[str, Any]) -> bool:
+    rpc_errors = ("mp_rpc.lua:318", "mp_rpc.lua:178", "Could not claim")
+    return ex["upstream"]["reached"] and any(
+        any(e in line for e in rpc_errors) and "no plugin instance" not in line
+        for line in _target_logs(t, ex["request"]["target"]))
+
+
+def _life_events(t: Dict[str, Any]) -> List[Tuple[float, str, Any]]:
+    """The recorder's actions and the requests, in the order of the recording."""
+    events: List[Tuple[float, str, Any]] = []
+    for ex in t["exchanges"]:
+        events.append((ex["sent_at_s"], "request", ex))
+    for e in t["timeline"]:
+        text = e["event"]
+        if text.startswith("recorder: kill -9"):
+            events.append((e["t_s"], "kill", None))
+        elif text.startswith("recorder: kill -19"):
+            events.append((e["t_s"], "stop", None))
+        elif text.startswith("recorder: kill -18"):
+            events.append((e["t_s"], "cont", None))
+        elif text.startswith("recorder: exit-code file ="):
+            events.append((e["t_s"], "exit_code", text.rsplit("=", 1)[1].strip()))
+        elif text.startswith("recorder: exit-code file removed"):
+            events.append((e["t_s"], "exit_code", None))
+        elif text.startswith("recorder: POST /config"):
+            events.append((e["t_s"], "reconfigure", None))
+        elif text.startswith("recorder: kong stop"):
+            events.append((e["t_s"], "kong_stop", None))
+        elif "listening" in text and ("respawned" in text or "again" in text):
+            events.append((e["t_s"], "wait_listening", None))
+        elif text.startswith("probe is sleeping inside the event"):
+            events.append((e["t_s"], "wait_sleeping", None))
+    # a request is sent after an action recorded at the same moment
+    order = {"request": 1}
+    return sorted(events, key=lambda e: (e[0], order.get(e[1], 0)))
+
+
+def _replay_life(t: Dict[str, Any], tmp: Path) -> None:
+    name = t["scenario"]
+    life = tmp / "life"
+    life.mkdir()
+    if name == "life_sigterm_on_stop":
+        (life / "term-delay").write_text("3")
+    # the probe's sleep inside an event stays as recorded (2 s): the kill, on the
+    # scaled timeline, lands well inside it however loaded the machine
+    replay = Replay(tmp, t["kong"], [t], life=life)
+    kong = replay.kong
+    first = replay.configure(dict(t, plugin_config={"scenario": name}))
+    current = {"inst": first}
+    results: Dict[str, Tuple[Any, float]] = {}
+    threads: List[threading.Thread] = []
+    kills: List[Tuple[float, float]] = []      # (when, how long that server had run)
+    try:
+        # the server has run as long before the scenario as in the recording (a
+        # respawn comes at once after a server that ran a second or more)
+        ran_before = -min(p.get("seen_s") or 0.0 for p in t["processes"])
+        time.sleep(max(0.0, ran_before * LIFE_SCALE - (time.monotonic() - kong.spawns[0][0])))
+        replay.new_messages()
+        start = time.monotonic()
+        offset = 0.0
+        stopped_at = None
+        for at, what, arg in _life_events(t):
+            delay = start + offset + at * LIFE_SCALE - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            if what == "request":
+                inst = current["inst"]
+
+                def send(ex: Dict[str, Any] = arg, inst: Any = inst) -> None:
+                    results[ex["label"]] = replay.send(inst, ex["request"])
+                if arg["label"] == "killed_during_event":
+                    (life / "arm-sleep").write_text("1")
+                th = threading.Thread(target=send)
+                th.start()
+                threads.append(th)
+                if name not in CONCURRENT and arg["elapsed_s"] < 0.5:
+                    th.join()        # else it ends with what happens next (a kill)
+            elif what == "kill":
+                kills.append((time.monotonic(), time.monotonic() - kong.spawns[-1][0]))
+                kong.kill_server()
+            elif what == "stop":
+                kong.hang_server()
+            elif what == "cont":
+                kong.resume_server()
+            elif what == "exit_code":
+                if arg is None:
+                    (life / "exit-code").unlink()
+                else:
+                    (life / "exit-code").write_text(arg)
+            elif what == "reconfigure":
+                current["inst"] = replay.configure(t, plugin_id=first.plugin_id)
+            elif what == "wait_listening":
+                waited = time.monotonic()
+                deadline = waited + 30
+                while time.monotonic() < deadline:
+                    try:
+                        kong.wait_listening()
+                        break
+                    except RuntimeError:        # it exited again before listening
+                        time.sleep(0.01)
+                offset += max(0.0, time.monotonic() - (start + offset + at * LIFE_SCALE))
+            elif what == "wait_sleeping":
+                deadline = time.monotonic() + 30
+                while (life / "arm-sleep").exists() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                time.sleep(0.05)                 # well inside the event
+                offset = time.monotonic() - start - at * LIFE_SCALE
+        for th in threads:
+            th.join(timeout=60)
+        if name == "life_sigterm_on_stop":
+            pid = kong.pid
+            stopped_at = time.monotonic()
+            kong.close()
+            assert pid is not None
+            gone = _gone(pid, 5.0)
+            assert gone is not None and gone - stopped_at < 1.0, \
+                "the server outlived kong stop (Kong does not wait for it)"
+            events = _life_log(life)
+            assert any(e["event"] == "signal 15" for e in events), "no SIGTERM on kong stop"
+            assert any(level == "notice" and "successfully stopped pluginserver 'probe'" in m
+                       for level, m in kong.process_log)
+        time.sleep(0.05)
+        msgs = replay.new_messages()
+    finally:
+        kong.close()
+    _compare_life(t, replay, results, msgs)
+    # a server that ran longer than the respawn interval is respawned at once
+    for at, age in kills:
+        if age >= 1.0 * LIFE_SCALE:
+            after = [s for s, _ in kong.spawns if s >= at]
+            assert after and after[0] - at < 1.0 * LIFE_SCALE, \
+                "%s: a server that ran %.2f s was respawned %s s after the kill" % (
+                    name, age, "%.2f" % (after[0] - at) if after else "never")
+
+
+def _gone(pid: int, timeout: float) -> Optional[float]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path("/proc/%d" % pid).exists() or \
+                Path("/proc/%d/stat" % pid).read_text().split(") ")[-1].startswith("Z"):
+            return time.monotonic()
+        time.sleep(0.005)
+    return None
+
+
+def _life_log(life: Path) -> List[Dict[str, Any]]:
+    path = life / "events.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _compare_life(t: Dict[str, Any], replay: Replay, results: Dict[str, Tuple[Any, float]],
+                  msgs: List[Any]) -> None:
+    name = t["scenario"]
+    kong = replay.kong
+    # every request: status, upstream reached, failed open, waited or not
+    for ex in t["exchanges"]:
+        label = ex["label"]
+        assert label in results, "%s: request %s got no answer" % (name, label)
+        r, elapsed = results[label]
+        got = (r.status, r.proxied, bool(r.failed_open and r.proxied))
+        want = (ex["response"]["status"], ex["upstream"]["reached"], _exchange_failed_open(t, ex))
+        assert got == want, "%s/%s: (status, upstream reached, failed open) %r, recorded %r (%s)" % (
+            name, label, got, want, r.kong_error)
+        if name not in CONCURRENT:    # (which racer met which error is scheduling)
+            logged = {k for k in LOG_KINDS for line in _target_logs(t, ex["request"]["target"])
+                      if k in line}
+            got_logged = {k for k in LOG_KINDS for _, m in r.kong_logs if k in m}
+            assert got_logged == logged, "%s/%s: Kong logged %s, the stand-in %s" % (
+                name, label, sorted(logged), sorted(got_logged))
+        if ex["elapsed_s"] > 0.5:     # it waited (a claim, a stopped server): as long, scaled
+            assert elapsed >= 0.6 * ex["elapsed_s"] * LIFE_SCALE, \
+                "%s/%s: answered after %.2f s, Kong waited %.2f s (x%.1f)" % (
+                    name, label, elapsed, ex["elapsed_s"], LIFE_SCALE)
+        elif name == "life_concurrent_restart":    # none waited
+            assert elapsed < 10.0 * LIFE_SCALE * 0.5, "%s/%s waited" % (name, label)
+    # the key request in full: what the upstream and the client got
+    key = next(ex for ex in t["exchanges"] if ex["request"]["target"] == t["request"]["target"])
+    r, _ = results[key["label"]]
+    up = t["upstream"]
+    if up["reached"]:
+        got_up = {"method": r.upstream.method, "target": r.upstream.target,
+                  "headers": _headers(r.upstream.wire_headers(volatile=VOLATILE)),
+                  "body": _text(r.upstream.raw_body)}
+        want_up = {"method": up["method"], "target": up["target"],
+                   "headers": _headers(up["headers"]), "body": up["body"]}
+        assert got_up == want_up, "%s: what the upstream received differs:\n got %r\nwant %r" % (
+            name, _diff(got_up, want_up), _diff(want_up, got_up))
+    resp = t["response"]
+    got_resp = {"status": r.status, "headers": _headers(r.wire_headers(volatile=VOLATILE)),
+                "body": _unvolatile_body(_text(r.body))}
+    want_resp = {"status": resp["status"], "headers": _headers(resp["headers"]),
+                 "body": resp["body"]}
+    assert got_resp == want_resp, "%s: the client's response differs:\n got %r\nwant %r" % (
+        name, _diff(got_resp, want_resp), _diff(want_resp, got_resp))
+    # what Kong sent the server(s) over the whole scenario
+    kong_msgs = [e["msg"] for e in t["rpc"] if e["from"] == "kong"]
+    want = _kong_side(kong_msgs, _pdk_methods_sent(t["rpc"]))
+    got = _kong_side(msgs, _probe_answered(t, msgs))
+    if name in CONCURRENT:
+        # interleaving (and, after a respawn, how many requests raced to start the
+        # instance) depends on scheduling: the same kinds of messages, each request's
+        # event played to its end
+        assert sorted(set(map(repr, got))) == sorted(set(map(repr, want))), \
+            "%s: Kong's RPC messages differ:\n got %r\nwant %r" % (name, got, want)
+        assert sum(1 for m, _ in got if m == "plugin.Step") == \
+            sum(1 for m, _ in want if m == "plugin.Step")
+    else:
+        assert got == want, "%s: Kong's RPC messages differ:\n got %r\nwant %r" % (name, got, want)
+    assert _start_configs(msgs)[-1:] == _start_configs(kong_msgs)[-1:], \
+        "%s: StartInstance Config differs" % name
+    # respawns: never sooner than the interval after the previous spawn; at once
+    # after a server that ran longer than that
+    spawns = [at for at, _ in kong.spawns]
+    interval = 1.0 * LIFE_SCALE
+    for prev, nxt in zip(spawns, spawns[1:]):
+        assert nxt - prev >= interval * 0.95, "%s: respawned %.3f s after the previous spawn" % (
+            name, nxt - prev)
+    # spawns during the scenario (life_start: Kong's first one too); the count of
+    # once-a-second respawns depends on how long the scaled timeline took
+    recorded = len([p for p in t["processes"] if p.get("started_s") is not None])
+    made = len(spawns) - (0 if name == "life_start" else 1)
+    assert made >= (recorded + 1) // 2, "%s: %d spawns, Kong made %d" % (name, made, recorded)
+    if name == "life_exit_127":
+        lines = [m for level, m in kong.process_log if 'exited with "command not found"' in m]
+        assert len(lines) >= 2, "%s: respawned after exit 127 only %d times" % (name, len(lines))
+    if name == "life_exit_1_loop":
+        assert sum("terminated: exit 1" in m for _, m in kong.process_log) >= 2

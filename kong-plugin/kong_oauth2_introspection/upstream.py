@@ -99,8 +99,10 @@ SHARED = frozenset(n.lower() for n in CONSUMER_HEADERS + ("X-Credential-Identifi
 
 
 def identity_like(name: str) -> bool:
-    """A header an upstream may take for an identity header, in any spelling."""
-    return normalized(name).startswith(_SPOOFABLE_PREFIXES)
+    """A header an upstream may take for an identity header, in any spelling
+    (Kong's auth plugins own X-Anonymous-Consumer as much as X-Consumer-*)."""
+    norm = normalized(name)
+    return norm.startswith(_SPOOFABLE_PREFIXES) or norm == "x-anonymous-consumer"
 
 
 class IdentityHeaders:

@@ -21,9 +21,11 @@ Mirrors kong/runloop/plugin_servers/rpc/mp_rpc.lua (Kong 3.9):
 """
 
 import itertools
+import select
 import socket
 import struct
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional
 
 import msgpack
@@ -63,17 +65,52 @@ class Rpc(object):
         self.timeout = timeout
         self.on_notification = on_notification
         self._pool: List[socket.socket] = []
+        # pooled connections put back after a read timeout (a late answer may come)
+        self._timed_out: List[socket.socket] = []
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
 
     def reset(self) -> None:
+        """Close every pooled connection (as nginx does to idle ones after
+        lua_socket_keepalive_timeout, 60 s): the next call connects anew."""
         with self._lock:
             pool, self._pool = self._pool, []
+            self._timed_out = []
         for c in pool:
             try:
                 c.close()
             except OSError:
                 pass
+
+    def await_late_answers(self, timeout: float) -> int:
+        """Wait (at most ``timeout``) until every connection that went back to the
+        pool after a read timeout has bytes or EOF on it, and reset those, as
+        nginx's handler for an idle pooled connection does the moment they arrive
+        (observed: fail_late_answer, after_late_answer_next_request). How many
+        were reset."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            waiting = [c for c in self._timed_out if c in self._pool]
+            self._timed_out = []
+        reset = 0
+        for c in waiting:
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                readable, _, _ = select.select([c], [], [], left)
+            except (OSError, ValueError):
+                readable = [c]
+            if not readable:
+                with self._lock:
+                    self._timed_out.append(c)
+                continue
+            with self._lock:
+                if c not in self._pool:
+                    continue
+                self._pool.remove(c)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+            reset += 1
+        return reset
 
     def _get(self) -> socket.socket:
         while True:
@@ -110,7 +147,8 @@ class Rpc(object):
             raise RpcError("trying to connect: timeout")
         except OSError as e:
             c.close()
-            raise RpcError("trying to connect: %s" % (e.strerror or e))
+            # nginx's cosocket words it in lower case ("connection refused")
+            raise RpcError("trying to connect: %s" % str(e.strerror or e).lower())
         return c
 
     def call(self, method: str, arg: Any) -> Any:
@@ -133,6 +171,7 @@ class Rpc(object):
                     # late answer makes nginx reset it (see _get)
                     with self._lock:
                         self._pool.append(c)
+                        self._timed_out.append(c)
                     c = None
                     raise RpcError("no data")
                 if not chunk:

@@ -6,17 +6,4 @@ from typing import Dict
 
 __all__ = ["UNMODELLED"]
 
-_LIFE = ("lifecycle scenario (Kong-managed start_cmd: kill/SIGSTOP/exit-code timeline, several exchanges); the replay driver does not orchestrate life_* timelines yet, and the stand-in's respawn timing (>1 s run: at once; exit 127 respawned) is not done")
-
-UNMODELLED: Dict[str, str] = {
-    "life_claim_timeout": _LIFE,
-    "life_concurrent_after_respawn": _LIFE,
-    "life_concurrent_restart": _LIFE,
-    "life_exit_127": _LIFE,
-    "life_exit_1_loop": _LIFE,
-    "life_kill_during_event": _LIFE,
-    "life_kill_idle": _LIFE,
-    "life_reload_while_down": _LIFE,
-    "life_sigterm_on_stop": _LIFE,
-    "life_start": _LIFE,
-}
+UNMODELLED: Dict[str, str] = {}

@@ -12,6 +12,10 @@ and so that it can misbehave on cue (close, stay silent, answer late, refuse).
 Environment: REPLAY_SCRIPTS (JSON file: scenario -> {"script": [...],
 "start_instance": "ok"|"error"}; the instance's config.scenario picks one) and
 REPLAY_LOG (every message Kong sent, one JSON line each, appended).
+REPLAY_LIFE_DIR (optional, the lifecycle scenarios): a file ``exit-code`` there makes
+the probe exit at once with that status; ``term-delay`` is how long it lingers after
+SIGTERM; the step {"action": "sleep_if_armed", "seconds": T} sleeps T s when the file
+``arm-sleep`` exists (removing it first). Each start and SIGTERM is logged.
 Script steps are {"method", "args"} (an arg {"$ref": i} is Kong's reply Data to
 step i of the event) or {"action": "close" | "silent" (optional "answer_after_s")
 | "error" (optional "message") | "no_instance_once"}.
@@ -22,7 +26,9 @@ import json
 import os
 import socket
 import sys
+import signal
 import threading
+import time
 
 import msgpack
 
@@ -164,6 +170,16 @@ class Server(object):
         step = ev["steps"][ev["pos"]]
         ev["pos"] += 1
         action = step.get("action")
+        if action == "sleep_if_armed":
+            arm = os.path.join(os.environ.get("REPLAY_LIFE_DIR", ""), "arm-sleep")
+            if os.environ.get("REPLAY_LIFE_DIR") and os.path.exists(arm):
+                os.remove(arm)
+                self.lock.release()       # other connections go on meanwhile
+                try:
+                    time.sleep(step.get("seconds", 0))
+                finally:
+                    self.lock.acquire()
+            return self.next_step(eid)
         if action is not None:
             del self.events[eid]
             if action == "close":
@@ -230,11 +246,39 @@ class Server(object):
             threading.Thread(target=self.serve_conn, args=(conn, n), daemon=True).start()
 
 
+def life_event(ev):
+    path = os.path.join(os.environ["REPLAY_LIFE_DIR"], "events.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(ev, t=time.time())) + "\n")
+
+
 def main(argv):
     if "-dump" in argv:
         sys.stdout.write(json.dumps(PLUGIN_INFO))
         return
     prefix = argv[argv.index("-kong-prefix") + 1]
+    life = os.environ.get("REPLAY_LIFE_DIR")
+    log = os.environ.get("REPLAY_LOG")
+    if life:
+        code = None
+        if os.path.exists(os.path.join(life, "exit-code")):
+            with open(os.path.join(life, "exit-code")) as f:
+                code = int(f.read().strip() or "1")
+        life_event({"event": "start", "pid": os.getpid(), "exit_code": code})
+        print("probe pid %d starting%s" % (os.getpid(), ", exiting %d (exit-code file)" % code
+                                           if code is not None else ""), flush=True)
+        if code is not None:
+            os._exit(code)
+        delay = 0.0
+        if os.path.exists(os.path.join(life, "term-delay")):
+            with open(os.path.join(life, "term-delay")) as f:
+                delay = float(f.read().strip() or "0")
+
+        def on_term(signum, frame, delay=delay):
+            life_event({"event": "signal 15", "pid": os.getpid()})
+            time.sleep(delay)
+            os._exit(0)
+        signal.signal(signal.SIGTERM, on_term)
     with open(os.environ["REPLAY_SCRIPTS"]) as f:
         scripts = json.load(f)
     Server(os.path.join(prefix, "probe.sock"), scripts,
