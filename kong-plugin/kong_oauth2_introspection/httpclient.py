@@ -255,7 +255,9 @@ def _encode(kwargs: Dict[str, Any]) -> Tuple[Optional[bytes], Dict[str, str]]:
     if isinstance(data, Mapping):
         if "content-type" not in lowered:
             headers["Content-Type"] = _FORM
-        return urlencode(list(data.items()), doseq=True).encode(), headers
+        # as requests did: a field whose value is None is left out
+        return urlencode([(k, v) for k, v in data.items() if v is not None],
+                         doseq=True).encode(), headers
     return (data.encode() if isinstance(data, str) else bytes(data)), headers
 
 
