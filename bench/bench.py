@@ -16,6 +16,17 @@ Table B: IdP calls and latency for 1,000 requests over 50 distinct tokens at
 concurrency 50 with no cache, the in-process cache, and Redis shared by two
 plugin-server processes; then a Redis hit against an in-process hit.
 
+Table C (capacity): for N = 1, 2 and the machine's CPUs plugin-server processes
+(``serve --processes N``; rows for N > 1 are skipped, saying so, where serve refuses
+the flag), hits, misses and a 90/10 mix at saturation (many client threads):
+requests/s, server CPU per request (every process of the server, from /proc),
+p50/p99, IdP calls against the distinct tokens asked, and "no plugin instance"
+restarts after warm-up; beside the floor and the zero-work 3-call bound, one run,
+rounds interleaved. ``--only c`` runs this table alone.
+
+The plugin servers get this process's PYTHONPATH (Kong clears their environment
+otherwise), so ``PYTHONPATH=/other/checkout/kong-plugin`` measures another version.
+
 The IdP is a separate process (its own GIL); Redis is a real redis-server on a
 free port in a temp dir. Everything started here is stopped at the end, even on
 error. Only the tables go to stdout; progress goes to stderr.
@@ -23,6 +34,7 @@ error. Only the tables go to stdout; progress goes to stderr.
 
 import argparse
 import contextlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -52,6 +64,8 @@ OURS_CMD = [shutil.which("kong-oauth2-introspection",
 AUTH = "Basic YmVuY2g6YmVuY2g="
 STORE_SECRET = "0123456789abcdef"
 T0 = time.monotonic()
+# Kong clears the start command's environment; PYTHONPATH picks the version measured.
+ENV = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else None
 
 
 def log(*a):
@@ -216,23 +230,56 @@ class Errors(object):
                 self.first = what
 
 
-def one(kong, inst, token, errors):
+RESTART = "no plugin instance"
+
+
+def one(kong, inst, token, errors, restarts=None):
     t0 = time.perf_counter()
     r = kong.request(inst, "GET", "/", headers={"Authorization": "Bearer " + token})
     dt = time.perf_counter() - t0
     if r.status != 200 or r.kong_error:
         errors.add("status %s %s" % (r.status, r.kong_error or r.body[:120]))
+    if restarts is not None and any(RESTART in text for _, text in r.kong_logs):
+        restarts.add(RESTART)
     return dt, len(r.pdk_calls)
+
+
+def _stat(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
 
 
 def cpu_seconds(pid):
     """User + system CPU time of process ``pid`` so far (from /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = _stat(pid)
+    if fields is None:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+
+
+def tree_cpu_seconds(pid):
+    """CPU time of ``pid`` and every process below it (a multi-process server's
+    children), plus what its reaped children used (cutime/cstime)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields is not None:
+                parents[int(entry)] = int(fields[1])
+    tree, grew = {pid}, True
+    while grew:
+        below = {p for p, pp in parents.items() if pp in tree and p not in tree}
+        tree |= below
+        grew = bool(below)
+    ticks = 0
+    for p in tree:
+        fields = _stat(p)
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    return ticks / float(os.sysconf("SC_CLK_TCK"))
 
 
 def sequential(kong, inst, tokens, errors):
@@ -280,10 +327,10 @@ def table_a(idp, args, stack):
     and gevent modes, the 3-call lower bound, our cache hit and cache miss; p50/p99
     at concurrency 1 and 50, and the plugin server's CPU time per request."""
     log("[A] starting plugin servers (%.0f s)" % (time.monotonic() - T0))
-    floor_t = stack.enter_context(KongStandIn(FLOOR_CMD))
-    floor_g = stack.enter_context(KongStandIn(FLOOR_CMD + ["-g"]))
-    bound = stack.enter_context(KongStandIn(BOUND_CMD))
-    ours = stack.enter_context(KongStandIn(OURS_CMD))
+    floor_t = stack.enter_context(KongStandIn(FLOOR_CMD, env=ENV))
+    floor_g = stack.enter_context(KongStandIn(FLOOR_CMD + ["-g"], env=ENV))
+    bound = stack.enter_context(KongStandIn(BOUND_CMD, env=ENV))
+    ours = stack.enter_context(KongStandIn(OURS_CMD, env=ENV))
     scen = "a-hit"
     rows_spec = [("floor", "kong-pdk hello-world, default (thread) mode", floor_t,
                   floor_t.configure({})),
@@ -359,8 +406,8 @@ def burst(kongs, insts, tokens, n, conc):
 def table_b(idp, redis, args, stack):
     rows = []
     n, ntok, conc = args.b_requests, args.b_tokens, args.b_conc
-    a = stack.enter_context(KongStandIn(OURS_CMD))
-    b = stack.enter_context(KongStandIn(OURS_CMD))
+    a = stack.enter_context(KongStandIn(OURS_CMD, env=ENV))
+    b = stack.enter_context(KongStandIn(OURS_CMD, env=ENV))
     store = {"secret": STORE_SECRET, "redis": {"endpoints": [redis.endpoint]}}
 
     def conf(scen, with_store=False):
@@ -426,6 +473,115 @@ def table_b(idp, redis, args, stack):
 
 
 # --------------------------------------------------------------------------
+# Table C
+
+
+def _servers(n):
+    """The start command for ours with ``n`` processes: the flag only when n > 1,
+    so the table runs before ``serve --processes`` exists."""
+    return OURS_CMD + (["serve", "--processes", str(n)] if n > 1 else [])
+
+
+def saturate(kong, inst, tokens, threads, errors, restarts):
+    """Every token once over ``threads`` client threads released together: (wall s,
+    latencies, server CPU s of the whole process tree)."""
+    cpu0 = tree_cpu_seconds(kong.pid)
+    wall, lat = released_together(len(tokens), threads,
+                                  lambda k: one(kong, inst, tokens[k], errors, restarts)[0])
+    return wall, lat, tree_cpu_seconds(kong.pid) - cpu0
+
+
+def table_c(idp, args, stack):
+    """Capacity: N processes x (hit, miss, 90/10 mix) beside the floor and the bound."""
+    counts = sorted({1, 2, os.cpu_count() or 1})
+    cells = []   # (key, label, kong, inst, workload, idp scenario or None)
+    floor = stack.enter_context(KongStandIn(FLOOR_CMD, env=ENV))
+    bound = stack.enter_context(KongStandIn(BOUND_CMD, env=ENV))
+    cells.append(("floor", "kong-pdk hello-world (1 call, thread mode)", floor,
+                  floor.configure({}), "hit", None))
+    cells.append(("bound", "zero-work 3-call bound (bound_plugin.py)", bound,
+                  bound.configure({}), "hit", None))
+    skipped = []
+    for n in counts:
+        try:
+            kong = stack.enter_context(KongStandIn(_servers(n), env=ENV))
+        except RuntimeError as err:
+            skipped.append((n, str(err).strip().splitlines()[-1][:160]))
+            continue
+        for workload in ("hit", "miss", "mix"):
+            scen = "c-%d-%s" % (n, workload)
+            # ttl: the hot tokens stay cached for the whole run (the default is 30 s)
+            inst = kong.configure({"introspection_url": idp.url(scen), "authorization_value": AUTH,
+                                   "ttl": 3600})
+            cells.append(("ours-%d-%s" % (n, workload), "ours, %d process%s, %s" % (
+                n, "" if n == 1 else "es", {"hit": "cache hits", "miss": "cache misses",
+                                              "mix": "90% hits / 10% misses"}[workload]),
+                kong, inst, workload, scen))
+    hot = ["hot-%d" % i for i in range(args.c_hot)]
+    # Warm-up: start every instance on every process (each pooled connection may
+    # reach another process) and cache the hot tokens; nothing of it is measured.
+    for key, _, kong, inst, workload, scen in cells:
+        saturate(kong, inst, hot * 2, args.c_threads, Errors(), None)
+    fresh = itertools.count()
+    res = {c[0]: {"rps": [], "cpu": [], "p50": [], "p99": [], "seq_p50": [], "seq_cpu": [],
+                  "calls": 0, "asked": 0, "restarts": 0, "errors": Errors()} for c in cells}
+    for rnd in range(args.c_rounds):
+        for key, _, kong, inst, workload, scen in cells:   # interleaved rounds
+            r = res[key]
+            for phase, n_req in (("sat", args.c_requests), ("seq", args.c_seq)):
+                if workload == "hit":
+                    tokens = [hot[i % len(hot)] for i in range(n_req)]
+                    new = 0
+                elif workload == "miss":
+                    tokens = ["fresh-%d" % next(fresh) for _ in range(n_req)]
+                    new = n_req
+                else:
+                    tokens = ["fresh-%d" % next(fresh) if i % 10 == 9 else hot[i % len(hot)]
+                              for i in range(n_req)]
+                    new = n_req // 10
+                before = idp.count(scen) if scen else 0
+                restarts = Errors()
+                if phase == "sat":
+                    wall, lat, cpu = saturate(kong, inst, tokens, args.c_threads, r["errors"],
+                                              restarts)
+                    r["rps"].append(n_req / wall)
+                    r["cpu"].append(cpu / n_req * 1e6)
+                    r["p50"].append(pct(lat, 50) * 1e3)
+                    r["p99"].append(pct(lat, 99) * 1e3)
+                else:
+                    cpu0 = tree_cpu_seconds(kong.pid)
+                    lat = [one(kong, inst, t, r["errors"], restarts)[0] for t in tokens]
+                    r["seq_cpu"].append((tree_cpu_seconds(kong.pid) - cpu0) / n_req * 1e6)
+                    r["seq_p50"].append(pct(lat, 50) * 1e3)
+                if scen:
+                    r["calls"] += idp.count(scen) - before
+                    r["asked"] += new
+                r["restarts"] += restarts.n
+        log("[C] round %d/%d done (%.0f s)" % (rnd + 1, args.c_rounds, time.monotonic() - T0))
+    m = {key: {k: median(v) for k, v in r.items() if isinstance(v, list)} for key, r in res.items()}
+    rows = []
+    for key, label, _, _, workload, scen in cells:
+        r, mk = res[key], m[key]
+        notes = []
+        if key.startswith("ours") and workload == "hit":
+            notes.append("CPU %.2f× / p50 %.2f× the bound (c=1)" % (
+                mk["seq_cpu"] / m["bound"]["seq_cpu"], mk["seq_p50"] / m["bound"]["seq_p50"]))
+        if key.startswith("ours") and workload == "miss":
+            hit = m[key[:-len("miss")] + "hit"]
+            notes.append("CPU %.2f× a hit (c=1), %.2f× at saturation" % (
+                mk["seq_cpu"] / hit["seq_cpu"], mk["cpu"] / hit["cpu"]))
+        if r["errors"].n:
+            notes.append("%d errors, first: %s" % (r["errors"].n, r["errors"].first))
+        rows.append([label, "%.0f" % mk["rps"], "%.0f" % mk["cpu"], "%.2f" % mk["p50"],
+                     "%.2f" % mk["p99"], "%.0f" % mk["seq_cpu"], "%.2f" % mk["seq_p50"],
+                     "%d / %d" % (r["calls"], r["asked"]) if scen else "-",
+                     str(r["restarts"]) if scen else "-", "; ".join(notes)])
+    for n, why in skipped:
+        rows.append(["ours, %d processes" % n] + ["-"] * 8 + ["skipped: serve refused it (%s)" % why])
+    return rows
+
+
+# --------------------------------------------------------------------------
 
 
 def md(header, rows):
@@ -437,45 +593,73 @@ def md(header, rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    ap.add_argument("--only", choices=("a", "b", "c"), action="append",
+                    help="run only this table (repeatable); default: all three")
     args = ap.parse_args()
+    tables = set(args.only or ("a", "b", "c"))
     if args.quick:
         args.repeats, args.seq, args.rps_n, args.rps_threads = 1, 300, 1000, 50
         args.b_requests, args.b_tokens, args.b_conc = 400, 50, 50
         args.hit_n, args.hit_rounds = 100, 1
+        args.c_rounds, args.c_requests, args.c_seq, args.c_threads, args.c_hot = 1, 1000, 200, 32, 100
     else:
         args.repeats, args.seq, args.rps_n, args.rps_threads = 3, 1000, 3000, 50
         args.b_requests, args.b_tokens, args.b_conc = 1000, 50, 50
         args.hit_n, args.hit_rounds = 200, 2
+        args.c_rounds, args.c_requests, args.c_seq, args.c_threads, args.c_hot = 3, 2000, 400, 32, 100
 
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
     t_start = time.monotonic()
+    rows_a = rows_b = rows_c = None
     with contextlib.ExitStack() as stack:
         idp = IdP()
         stack.callback(idp.stop)
-        redis = Redis()
-        stack.callback(redis.stop)
-        rows_a = table_a(idp, args, stack)
-        rows_b = table_b(idp, redis, args, stack)
+        if "a" in tables:
+            rows_a = table_a(idp, args, stack)
+        if "b" in tables:
+            redis = Redis()
+            stack.callback(redis.stop)
+            rows_b = table_b(idp, redis, args, stack)
+        if "c" in tables:
+            rows_c = table_c(idp, args, stack)
 
     print("Machine: nproc=%d, Python %s (%s), %s; figures are from one run%s (%.0f s)." % (
         os.cpu_count(), platform.python_version(), platform.python_implementation(),
         platform.platform(terse=True), " (--quick)" if args.quick else "",
         time.monotonic() - t_start))
-    print()
-    print("A) plugin-server protocol through the Kong stand-in: concurrency 1 = %d sequential "
-          "requests, concurrency 50 = %d requests over %d threads; median of %d interleaved "
-          "repeats; ratio = our p50 / the default-mode floor's p50 (target for a cache hit: "
-          "<= 0.6x)" % (args.seq, args.rps_n, args.rps_threads, args.repeats))
-    print()
-    print(md(["path", "PDK calls", "p50 ms (c=1)", "p99 ms (c=1)", "p50 ms (c=50)",
-              "p99 ms (c=50)", "rps (c=50)", "server CPU µs/req (c=1)", "vs floor p50 (c=1 / c=50)", "notes"], rows_a))
-    print()
-    print("B) %d requests over %d distinct tokens at concurrency %d (all threads released together; "
-          "with two processes each token's first two requests hit both at once); then Redis hit vs "
-          "in-process hit, sequential" % (args.b_requests, args.b_tokens, args.b_conc))
-    print()
-    print(md(["cache", "processes", "requests / tokens", "IdP calls", "target", "p50 ms", "p99 ms",
-              "total s", "notes"], rows_b))
+    if rows_a is not None:
+        print()
+        print("A) plugin-server protocol through the Kong stand-in: concurrency 1 = %d sequential "
+              "requests, concurrency 50 = %d requests over %d threads; median of %d interleaved "
+              "repeats; ratio = our p50 / the default-mode floor's p50"
+              % (args.seq, args.rps_n, args.rps_threads, args.repeats))
+        print()
+        print(md(["path", "PDK calls", "p50 ms (c=1)", "p99 ms (c=1)", "p50 ms (c=50)",
+                  "p99 ms (c=50)", "rps (c=50)", "server CPU µs/req (c=1)",
+                  "vs floor p50 (c=1 / c=50)", "notes"], rows_a))
+    if rows_b is not None:
+        print()
+        print("B) %d requests over %d distinct tokens at concurrency %d (all threads released "
+              "together; with two processes each token's first two requests hit both at once); "
+              "then Redis hit vs in-process hit, sequential"
+              % (args.b_requests, args.b_tokens, args.b_conc))
+        print()
+        print(md(["cache", "processes", "requests / tokens", "IdP calls", "target", "p50 ms",
+                  "p99 ms", "total s", "notes"], rows_b))
+    if rows_c is not None:
+        print()
+        print("C) capacity: saturation = %d requests over %d client threads released together, "
+              "c=1 = %d sequential requests; median of %d interleaved rounds; server CPU = every "
+              "process of the plugin server (/proc utime+stime, children included); IdP calls / "
+              "distinct new tokens and \"no plugin instance\" restarts summed over the rounds, "
+              "after warm-up. The load generator (the stand-in, Python threads) shares the "
+              "machine's %d cores with the servers: req/s is capped by the cores, not by N; "
+              "a node's capacity follows from the CPU column: N x 1 s / CPU per request."
+              % (args.c_requests, args.c_threads, args.c_seq, args.c_rounds, os.cpu_count()))
+        print()
+        print(md(["server, workload", "req/s (saturated)", "server CPU µs/req (saturated)",
+                  "p50 ms (saturated)", "p99 ms (saturated)", "server CPU µs/req (c=1)",
+                  "p50 ms (c=1)", "IdP calls / new tokens", "restarts", "notes"], rows_c))
     return 0
 
 

@@ -43,3 +43,33 @@ def test_the_lower_bound_makes_the_calls_of_our_cache_hit(idp):
 def test_the_floor_makes_one_call():
     floor = calls([sys.executable, os.path.join(BENCH, "floor_plugin.py")], {}, n=1)
     assert floor == [["kong.request.get_header"]]
+
+
+def test_the_capacity_table_counts_every_process_of_a_server():
+    """Table C's server CPU covers a multi-process server: a child's CPU counts,
+    live (its own /proc entry) and after it was reaped (the parent's cutime)."""
+    sys.path.insert(0, BENCH)
+    import bench
+    burn = ("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n")
+    parent = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', %r])\n"
+              "print(child.pid, flush=True)\n"
+              "sys.stdin.readline()\n"
+              "child.wait()\n"
+              "print('reaped', flush=True)\n"
+              "sys.stdin.readline()\n" % burn)
+    import subprocess
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(proc.stdout.readline())
+        while bench.cpu_seconds(child) < 0.25:   # the child has burnt most of its CPU
+            time.sleep(0.01)
+        assert bench.tree_cpu_seconds(proc.pid) >= 0.25 > bench.cpu_seconds(proc.pid)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "reaped"
+        assert bench.tree_cpu_seconds(proc.pid) >= 0.29
+    finally:
+        proc.kill()
+        proc.wait()

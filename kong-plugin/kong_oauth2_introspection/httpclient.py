@@ -1,16 +1,21 @@
 """HTTP for the plugin's own calls (the IdP, Kong's Admin API), bounded in total time.
 
-``requests`` bounds each socket operation, not a whole exchange: a server that
-drips one byte per second keeps a read alive for ever. Here every exchange has
-one end time (``min(now + timeout, request deadline)``); a single reaper thread
-shuts down the sockets of any exchange still running at its end time, which
-wakes the blocked read at once. Answers are read up to a size cap, so a huge
-answer costs at most that much memory.
+urllib3 (pooled keep-alive connections) is used directly: ``requests`` on top of
+it cost more CPU per call than the rest of a cache miss together (request and
+cookie preparation, setting merges, hooks), for nothing this client needs.
+
+urllib3 bounds each socket operation, not a whole exchange: a server that drips
+one byte per second keeps a read alive for ever. Here every exchange has one end
+time (``min(now + timeout, request deadline)``); a single reaper thread shuts
+down the sockets of any exchange still running at its end time, which wakes the
+blocked read at once. Answers are read up to a size cap, so a huge answer costs
+at most that much memory.
 """
 
 import atexit
 import heapq
 import itertools
+import math
 import os
 import shutil
 import socket
@@ -18,13 +23,15 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from urllib.parse import urlencode
 
-import requests
+import certifi
 import urllib3
-from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import NewConnectionError, TimeoutError as _Urllib3Timeout
 
+from . import VERSION
 from .concurrency import DeadlineExceeded, current_deadline
 
 
@@ -69,6 +76,16 @@ class _Watch:
         self.done = False
 
 
+# The reaper wakes on multiples of this (seconds): at most this late past an end time,
+# and a handful of wake-ups a second however many exchanges run, instead of one
+# wake-up (a thread switch) per exchange.
+REAPER_TICK = 0.02
+
+
+def _tick(at: float) -> float:
+    return math.ceil(at / REAPER_TICK) * REAPER_TICK
+
+
 class _Reaper:
     """One thread for the whole process: ends exchanges that outlive their end time."""
 
@@ -78,6 +95,7 @@ class _Reaper:
         self._seq = itertools.count()
         self._thread: Optional[threading.Thread] = None
         self._local = threading.local()
+        self._wakes_at = math.inf   # when the reaper thread wakes next
 
     def watch(self, at: float) -> _Watch:
         watch = _Watch(at)
@@ -87,7 +105,8 @@ class _Reaper:
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name="oauth2-introspection-http-reaper")
                 self._thread.start()
-            self._cond.notify()
+            if _tick(at) < self._wakes_at:
+                self._cond.notify()   # only an earlier end time needs the thread now
         self._local.watch = watch
         return watch
 
@@ -106,17 +125,21 @@ class _Reaper:
         while True:
             with self._cond:
                 while not self._heap:
+                    self._wakes_at = math.inf
                     self._cond.wait()
-                at, _, watch = self._heap[0]
-                delay = at - time.monotonic()
-                if delay > 0:
-                    self._cond.wait(delay)
+                now = time.monotonic()
+                due: List[_Watch] = []
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap)[2])
+                if not due:
+                    self._wakes_at = _tick(self._heap[0][0])
+                    self._cond.wait(max(self._wakes_at - now, 0.0))
                     continue
-                heapq.heappop(self._heap)
-            if not watch.done:
-                watch.fired = True
-                for sock in list(watch.sockets):
-                    _shutdown(sock)
+            for watch in due:
+                if not watch.done:
+                    watch.fired = True
+                    for sock in list(watch.sockets):
+                        _shutdown(sock)
 
 
 def _shutdown(sock) -> None:
@@ -160,17 +183,15 @@ class _HTTPSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
 
 
-class _Adapter(HTTPAdapter):
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-
-
-_FAILURES = (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError)
+_FAILURES = (urllib3.exceptions.HTTPError, OSError, ValueError)
+# Sent unless the caller says otherwise (what requests sent, with our own name).
+_DEFAULT_HEADERS = {"User-Agent": "kong-oauth2-introspection/" + VERSION,
+                    "Accept-Encoding": "gzip, deflate", "Accept": "*/*"}
+_FORM = "application/x-www-form-urlencoded"
 
 
 def check_sendable(headers: Optional[Dict[str, Any]]) -> None:
-    """What http.client and requests would refuse only while sending (after the
+    """What http.client would refuse only while sending (after the
     connection is made): a value that is not Latin-1, holds CR, LF or NUL, or
     starts with a blank. Refused here, before anything is sent."""
     for name, value in (headers or {}).items():
@@ -186,7 +207,7 @@ def check_sendable(headers: Optional[Dict[str, Any]]) -> None:
 
 
 def _caused_by(err: BaseException, kind: type) -> bool:
-    """Whether ``kind`` is in ``err``'s chain (requests wraps urllib3 wraps OSError)."""
+    """Whether ``kind`` is in ``err``'s chain (urllib3 wraps OSError, possibly twice)."""
     seen: List[BaseException] = []
     todo: List[BaseException] = [err]
     while todo and len(seen) < 16:
@@ -202,7 +223,7 @@ def _caused_by(err: BaseException, kind: type) -> bool:
 
 def _private_files(tls: Any, prefix: str) -> Dict[str, str]:
     """The PEM strings of ``tls`` (ca, cert, key) as files only this process can read:
-    requests takes CA bundles and client certificates only as paths."""
+    urllib3 takes CA bundles and client certificates only as paths."""
     folder = tempfile.mkdtemp(prefix=prefix)  # mode 0700
     atexit.register(shutil.rmtree, folder, True)
     paths = {"folder": folder}
@@ -217,8 +238,31 @@ def _private_files(tls: Any, prefix: str) -> Dict[str, str]:
     return paths
 
 
+def _encode(kwargs: Dict[str, Any]) -> Tuple[Optional[bytes], Dict[str, str]]:
+    """The body and headers of ``data=`` (a form dict, str or bytes) and ``headers=``,
+    as requests would have sent them."""
+    data = kwargs.pop("data", None)
+    given = kwargs.pop("headers", None) or {}
+    if kwargs:
+        raise TypeError("unsupported arguments: " + ", ".join(sorted(kwargs)))
+    headers = dict(_DEFAULT_HEADERS)
+    lowered = {name.lower() for name in given}
+    if "accept" in lowered or "user-agent" in lowered or "accept-encoding" in lowered:
+        headers = {n: v for n, v in headers.items() if n.lower() not in lowered}
+    headers.update(given)
+    if data is None:
+        return None, headers
+    if isinstance(data, Mapping):
+        if "content-type" not in lowered:
+            headers["Content-Type"] = _FORM
+        # as requests did: a field whose value is None is left out
+        return urlencode([(k, v) for k, v in data.items() if v is not None],
+                         doseq=True).encode(), headers
+    return (data.encode() if isinstance(data, str) else bytes(data)), headers
+
+
 class HTTPClient:
-    """One pooled session; owns its connections (and TLS files) and closes them in
+    """One pooled connection manager; owns its connections (and TLS files) and closes them in
     ``close``."""
 
     @classmethod
@@ -243,13 +287,17 @@ class HTTPClient:
     def __init__(self, *, pool_maxsize: int = 64, verify: Any = True,
                  cert: Optional[Tuple[str, str]] = None):
         self._folder: Optional[str] = None
-        self.session = requests.Session()
-        self.session.trust_env = False  # no proxy or netrc from the environment
-        self.adapter = _Adapter(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=0)
-        self.session.mount("http://", self.adapter)
-        self.session.mount("https://", self.adapter)
-        self.session.verify = verify
-        self.session.cert = cert
+        # verify: True (certifi's bundle, as requests used), a CA file, or False (no
+        # certificate or host name check). No proxy or netrc: urllib3 reads no
+        # environment. Never retried or redirected here (retries=False).
+        tls: Dict[str, Any] = {"cert_reqs": "CERT_NONE"} if verify is False else {
+            "cert_reqs": "CERT_REQUIRED",
+            "ca_certs": verify if isinstance(verify, str) else certifi.where()}
+        if cert is not None:
+            tls["cert_file"], tls["key_file"] = cert
+        self.pool = urllib3.PoolManager(num_pools=4, maxsize=pool_maxsize, block=False,
+                                        retries=False, **tls)
+        self.pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
     def request(self, method: str, url: str, *, timeout: float, max_bytes: int,
                 **kwargs: Any) -> Reply:
@@ -266,27 +314,29 @@ class HTTPClient:
             if deadline.at <= now:
                 raise DeadlineExceeded("request deadline exceeded")
             at = min(at, deadline.at)
+        body, headers = _encode(kwargs)
         per_op = max(at - now, 0.001)
         watch = _REAPER.watch(at)
         try:
-            response = self.session.request(method, url, timeout=(per_op, per_op), stream=True,
-                                            allow_redirects=False, **kwargs)
+            response = self.pool.urlopen(method, url, body=body, headers=headers,
+                                         redirect=False, preload_content=False,
+                                         timeout=urllib3.Timeout(connect=per_op, read=per_op))
             try:
                 length = response.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) > max_bytes:
                     raise HTTPFailure("answer larger than %d bytes" % max_bytes, "too_large")
-                body = response.raw.read(max_bytes + 1, decode_content=True) or b""
-                if len(body) > max_bytes:
+                data = response.read(max_bytes + 1, decode_content=True) or b""
+                if len(data) > max_bytes:
                     raise HTTPFailure("answer larger than %d bytes" % max_bytes, "too_large")
-                return Reply(response.status_code, dict(response.headers), body)
+                # read to its end: urllib3 has put the connection back in the pool
+                return Reply(response.status, dict(response.headers), data)
             finally:
                 response.close()
         except HTTPFailure:
             raise
-        except requests.Timeout:
-            raise self._ended(watch, deadline) from None
         except _FAILURES as err:
-            if watch.fired or time.monotonic() >= at:
+            if watch.fired or time.monotonic() >= at or (
+                    isinstance(err, _Urllib3Timeout) and not isinstance(err, NewConnectionError)):
                 raise self._ended(watch, deadline) from None
             refused = _caused_by(err, ConnectionRefusedError)
             raise HTTPFailure("could not connect (%s)" % (
@@ -302,10 +352,10 @@ class HTTPClient:
         return HTTPFailure("timed out", "timed_out")
 
     def drop_idle(self) -> None:
-        self.adapter.poolmanager.clear()
+        self.pool.clear()
 
     def close(self) -> None:
-        self.session.close()
+        self.pool.clear()
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
