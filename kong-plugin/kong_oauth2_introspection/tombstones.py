@@ -55,9 +55,12 @@ def parse(blob: Optional[bytes]) -> Optional[Tuple[str, float, float]]:
 
 
 def fold(records: Iterable[Tuple[str, float, float]], now: float,
-         limit: int = MAX_TOMBSTONES) -> Tuple[float, Dict[str, Tuple[float, float]]]:
+         limit: Optional[int] = None) -> Tuple[float, Dict[str, Tuple[float, float]]]:
     """(watermark, {scope: (at, expires)}) of ``records`` once expired ones, those a
-    watermark already covers, and the oldest past ``limit`` are folded in."""
+    watermark already covers, and the oldest past ``limit`` (``MAX_TOMBSTONES``)
+    are folded in."""
+    if limit is None:
+        limit = MAX_TOMBSTONES
     mark = -math.inf
     live: Dict[str, Tuple[float, float]] = {}
     for scope, at, expires in records:
