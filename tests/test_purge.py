@@ -348,3 +348,134 @@ def test_an_index_left_by_an_older_version_is_converted(redis_disposable):
         assert store.purge_tag("sub", "olga")[1] == ["new-key", "old-key"]
     finally:
         store.close()
+
+
+# -- issue 19.3: a purge is final; replaying recorded values or messages restores nothing --
+
+class Recorder:
+    """Whoever can write to Redis: records the entries and announcements of a
+    prefix, and sets and publishes them again after a purge."""
+
+    def __init__(self, client, prefix, listen_client=None, messages=True):
+        self.client, self.prefix, self.want_messages = client, prefix, messages
+        self.pubsub = (listen_client or client).pubsub()
+        self.pubsub.subscribe(prefix + "oauth2-introspection")
+        deadline = time.monotonic() + 5
+        while (self.pubsub.get_message(timeout=0.5) or {}).get("type") != "subscribe":
+            assert time.monotonic() < deadline, "the recorder never subscribed"
+        self.values, self.messages = {}, []
+
+    def record(self, nodes):
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            msg = self.pubsub.get_message(timeout=0.5)
+            if msg and msg["type"] == "message" and b'"op":"done"' in msg["data"]:
+                self.messages.append(msg["data"])
+            elif msg is None and self.messages:
+                break
+        for node in nodes:
+            for name in node.keys(self.prefix + "*"):
+                if len(name) == len(self.prefix) + 64:      # an entry (cache key)
+                    self.values[name] = node.get(name)
+        assert self.values and (self.messages or not self.want_messages), "nothing recorded"
+
+    def replay(self):
+        for name, value in self.values.items():
+            self.client.set(name, value, px=300000)
+        for data in self.messages:
+            self.client.publish(self.prefix + "oauth2-introspection", data)
+
+    def close(self):
+        self.pubsub.close()
+
+
+def revocable_idp(revoked):
+    def behaviour(form, headers):
+        if form["token"] in revoked:
+            return Reply(200, {"active": False})
+        _, sub, client, _n = form["token"].split("-")
+        return Reply(200, {"active": True, "sub": sub, "client_id": client,
+                           "exp": int(time.time()) + 3600})
+    return IdPDouble(behaviour)
+
+
+def _replay_refused(two, conf, recorder, raw_nodes, token, purge_args, idp, revoked):
+    """Cache, record, revoke, purge, replay: no node (up, or started afterwards)
+    serves the revoked token, and each asks the IdP again."""
+    a, b = two(conf)
+    assert a.get(token)["active"]
+    held_everywhere([a, b], token)
+    recorder.record(raw_nodes)
+    revoked.add(token)
+    out = run_purge(conf, *purge_args, stdin=token + "\n")
+    assert out.returncode == 0, out.stderr
+    dropped_everywhere([a, b], token)
+    recorder.replay()
+    time.sleep(0.3)                               # the replayed announcement arrives
+    assert a.peek(token) is None and b.peek(token) is None
+    before = len(idp.calls)
+    assert a.get(token)["active"] is False and b.get(token)["active"] is False
+    assert len(idp.calls) > before
+    recorder.replay()                             # and once more, for a node that was down
+    late = CacheNode(conf)
+    try:
+        late.wait_subscribed()
+        before = len(idp.calls)
+        assert late.get(token)["active"] is False and len(idp.calls) == before + 1
+    finally:
+        late.stop()
+
+
+@pytest.mark.parametrize("by", ["--token-stdin", "--sub", "--client-id", "--all"])
+def test_replayed_values_and_announcements_after_a_purge_restore_nothing(two, redis_disposable,
+                                                                         by):
+    revoked: set = set()
+    token = "tok-mallory-appx-1"
+    args = {"--token-stdin": ["--token-stdin"], "--sub": ["--sub", "mallory"],
+            "--client-id": ["--client-id", "appx"], "--all": ["--all"]}[by]
+    with revocable_idp(revoked) as idp:
+        conf = dict(plugin(idp, standalone_store(redis_disposable, prefix="rp:")),
+                    negative_ttl=0)
+        raw = redis_disposable.client()
+        recorder = Recorder(raw, "rp:")
+        try:
+            _replay_refused(two, conf, recorder, [raw], token, args, idp, revoked)
+        finally:
+            recorder.close()
+
+
+def test_replay_refused_with_sentinel(two, redis_sentinel):
+    revoked: set = set()
+    store = {"key_prefix": "rs:", "secret": STORE_SECRET, "redis": {
+        "endpoints": redis_sentinel.endpoints, "password": PASSWORD,
+        "sentinel": {"master_set": MASTER_SET, "password": SENTINEL_PASSWORD}}}
+    with revocable_idp(revoked) as idp:
+        conf = dict(plugin(idp, store), negative_ttl=0)
+        master = redis_sentinel.server_on(redis_sentinel.master_port()).client()
+        recorder = Recorder(master, "rs:")
+        try:
+            _replay_refused(two, conf, recorder, [master], "tok-sybil-apps-1",
+                            ["--token-stdin"], idp, revoked)
+        finally:
+            recorder.close()
+
+
+def test_replay_refused_with_cluster(two, redis_cluster):
+    import redis
+    revoked: set = set()
+    store = {"key_prefix": "rc:", "secret": STORE_SECRET,
+             "redis": {"endpoints": redis_cluster.endpoints, "password": PASSWORD,
+                       "cluster": True}}
+    host, port = redis_cluster.endpoints[0].rsplit(":", 1)
+    writer = redis.RedisCluster(host=host, port=int(port), password=PASSWORD)
+    with revocable_idp(revoked) as idp:
+        conf = dict(plugin(idp, store), negative_ttl=0)
+        # The recorder hears no announcement on a Cluster node here: values only.
+        recorder = Recorder(writer, "rc:", listen_client=redis_cluster.nodes[0].client(),
+                            messages=False)
+        try:
+            _replay_refused(two, conf, recorder, [n.client() for n in redis_cluster.nodes],
+                            "tok-trent-appc-1", ["--sub", "trent"], idp, revoked)
+        finally:
+            recorder.close()
+            writer.close()
