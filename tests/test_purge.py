@@ -479,3 +479,53 @@ def test_replay_refused_with_cluster(two, redis_cluster):
         finally:
             recorder.close()
             writer.close()
+
+
+def test_tombstones_are_bounded_and_folding_keeps_a_purge_final(redis_disposable, monkeypatch):
+    """1,000 purges by token leave 1,000 sealed tombstones (no token, no key in
+    clear beyond the HMAC cache key); past the bound, or once expired, the oldest
+    fold into one watermark that still refuses every value fetched before them."""
+    from kong_oauth2_introspection import tombstones
+    from kong_oauth2_introspection.cache import TokenCache
+    from kong_oauth2_introspection.log import Log
+    from kong_oauth2_introspection.purge import purge
+    from kong_oauth2_introspection.store import TOMBSTONES, RedisStore
+    conf = standalone_store(redis_disposable, prefix="tb:")
+    raw = redis_disposable.client()
+    name = "tb:" + TOMBSTONES
+    store = RedisStore.from_config(conf, Log())
+    try:
+        fetched_before = time.time() - 10         # an answer from before every purge
+        keys = [TokenCache(key_material=b"idp").key("tok-n-%d" % i) for i in range(1000)]
+        for i in range(1000):
+            purge(store, "idp", token="tok-n-%d" % i, lifetime=300)
+        count, size = raw.zcard(name), raw.memory_usage(name)
+        print("after 1000 purges: %d tombstones, %d bytes in Redis" % (count, size))
+        assert count == 1000 and size < 300 * 1000    # measured: 244,224 bytes
+        assert not any(k.encode() in m for m in raw.zrange(name, 0, -1) for k in keys[:5])
+
+        monkeypatch.setattr(tombstones, "MAX_TOMBSTONES", 100)
+        purge(store, "idp", token="tok-n-1000", lifetime=300)
+        assert raw.zcard(name) == 101              # 100 newest + the watermark
+        monkeypatch.setattr(tombstones, "MAX_TOMBSTONES", 10000)
+        purge(store, "idp", token="tok-short", lifetime=1)
+        time.sleep(1.2)
+        purge(store, "idp", sub="someone", lifetime=1)
+        # the expired one folded into the watermark, which now covers every older one
+        assert raw.zcard(name) == 2
+
+        # A process started now (it saw none of this) refuses a value of the first,
+        # folded, purge and of the expired one, but not a fresh value.
+        fresh = RedisStore.from_config(conf, Log())
+        try:
+            assert fresh.refused(keys[0], {"active": True}, fetched_before)
+            short = TokenCache(key_material=b"idp").key("tok-short")
+            assert fresh.refused(short, {"active": True}, fetched_before)
+            assert fresh.refused(keys[999], {"active": True}, fetched_before)
+            assert not fresh.refused(keys[999], {"active": True},
+                                     time.time() + tombstones.SKEW + 1)
+            assert fresh.tombstones.size() == 2
+        finally:
+            fresh.close()
+    finally:
+        store.close()
