@@ -529,3 +529,80 @@ def test_tombstones_are_bounded_and_folding_keeps_a_purge_final(redis_disposable
             fresh.close()
     finally:
         store.close()
+
+
+def test_replay_after_a_purge_through_two_plugin_servers(two_servers, redis_disposable):
+    """Kong's protocol, real plugin servers: after the purge, the recorded value set
+    again and the recorded announcement published again leave both servers, and
+    a third started afterwards, answering 401 for the revoked token."""
+    from conftest import plugin_command
+    from kong_standin import KongStandIn
+    from test_plugin_kong import bearer, config
+    a, b = two_servers
+    revoked: set = set()
+    token = "tok-oscar-appk-1"
+    with revocable_idp(revoked) as idp:
+        conf = config(idp, store=standalone_store(redis_disposable, prefix="kp:"), ttl=300,
+                      negative_ttl=0)
+        raw = redis_disposable.client()
+        recorder = Recorder(raw, "kp:")
+        try:
+            ia, ib = a.configure(conf), b.configure(conf)
+            assert a.request(ia, "GET", "/", headers=bearer(token)).status == 200
+            recorder.record([raw])
+            assert b.request(ib, "GET", "/", headers=bearer(token)).status == 200
+            assert len(idp.calls) == 1
+            revoked.add(token)
+            out = run_purge(conf, "--token-stdin", stdin=token + "\n")
+            assert out.returncode == 0, out.stderr
+            recorder.replay()
+            time.sleep(0.3)
+            before = len(idp.calls)
+            for _ in range(3):
+                assert a.request(ia, "GET", "/", headers=bearer(token)).status == 401
+                assert b.request(ib, "GET", "/", headers=bearer(token)).status == 401
+            assert len(idp.calls) - before == 6        # each asked the IdP: no replay served
+            recorder.replay()
+            with KongStandIn(plugin_command()) as late:
+                il = late.configure(conf)
+                assert late.request(il, "GET", "/", headers=bearer(token)).status == 401
+                assert token not in late.server_log()
+        finally:
+            recorder.close()
+    assert token not in a.server_log() + b.server_log()
+
+
+def test_a_lagging_node_republishing_a_pre_purge_answer_is_refused(two, redis_disposable):
+    """Node A's IdP call was sent before the purge and answers after it: A uses the
+    answer for that request only; node B never serves it, from Redis or A's message."""
+    from kong_oauth2_introspection.log import Log
+    from kong_oauth2_introspection.purge import purge
+    from kong_oauth2_introspection.store import RedisStore
+    revoked: set = set()
+    slow = {"tok-lag-appl-1": 1.5}
+
+    def behaviour(form, headers):
+        token = form["token"]
+        if token in revoked and token not in slow:
+            return Reply(200, {"active": False})
+        return Reply(200, {"active": True, "sub": "lag", "client_id": "appl",
+                           "exp": int(time.time()) + 3600}, delay=slow.pop(token, 0.0))
+    with IdPDouble(behaviour) as idp:
+        conf = dict(plugin(idp, standalone_store(redis_disposable, prefix="lg:")),
+                    negative_ttl=0)
+        a, b = two(conf)
+        token = "tok-lag-appl-1"
+        pending = a.submit("get", token=token)
+        time.sleep(0.5)                           # A's request is at the IdP
+        revoked.add(token)
+        store = RedisStore.from_config(conf["store"], Log())
+        try:
+            purge(store, None, sub="lag")
+        finally:
+            store.close()
+        assert pending.result(10)["active"]       # the request already in flight
+        time.sleep(0.3)
+        assert a.peek(token) is None and b.peek(token) is None
+        before = len(idp.calls)
+        assert b.get(token)["active"] is False and a.get(token)["active"] is False
+        assert len(idp.calls) - before == 2
