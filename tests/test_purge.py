@@ -606,3 +606,35 @@ def test_a_lagging_node_republishing_a_pre_purge_answer_is_refused(two, redis_di
         before = len(idp.calls)
         assert b.get(token)["active"] is False and a.get(token)["active"] is False
         assert len(idp.calls) - before == 2
+
+
+def test_a_node_that_hears_no_announcement_learns_the_purge_on_its_next_read(two,
+                                                                           redis_disposable):
+    """A process whose Redis user may not use channels hears no purge; reading the
+    replayed value from Redis, it looks at the tombstones first and refuses it."""
+    admin = redis_disposable.client()
+    admin.acl_setuser("deaf", enabled=True, passwords=["+deaf-pw"], keys=["*"],
+                      commands=["+@all"], reset_channels=True)
+    revoked: set = set()
+    token = "tok-dora-appd-1"
+    with revocable_idp(revoked) as idp:
+        conf = dict(plugin(idp, standalone_store(redis_disposable, prefix="dn:")),
+                    negative_ttl=0)
+        deaf_conf = dict(conf, store=dict(conf["store"], redis=dict(
+            conf["store"]["redis"], username="deaf", password="deaf-pw")))
+        recorder = Recorder(admin, "dn:")
+        deaf = CacheNode(deaf_conf)
+        try:
+            a, _b = two(conf)
+            assert a.get(token)["active"]
+            recorder.record([admin])
+            revoked.add(token)
+            assert run_purge(conf, "--token-stdin", stdin=token + "\n").returncode == 0
+            recorder.replay()
+            assert deaf.call("status")["subscribed"] is False
+            before = len(idp.calls)
+            assert deaf.get(token)["active"] is False and len(idp.calls) == before + 1
+        finally:
+            recorder.close()
+            deaf.stop()
+        assert "deaf-pw" not in deaf.log() and token not in deaf.log()
