@@ -581,9 +581,17 @@ class RedisStore:
         if not full and known.loaded and self.subscribed \
                 and time.monotonic() - self._tombstones_at < TOMBSTONE_REFRESH:
             return
-        if not self._tombstones_lock.acquire(blocking=False):
-            return    # another thread is looking; until it has, what is known holds
+        # Another thread looking: what is known holds meanwhile, or, when nothing is
+        # known yet, wait for its look (one socket timeout at most).
+        was_loaded = known.loaded
+        if was_loaded:
+            if not self._tombstones_lock.acquire(blocking=False):
+                return
+        elif not self._tombstones_lock.acquire(timeout=self.timeout_s):
+            return
         try:
+            if not was_loaded and known.loaded and not full:
+                return    # the other thread loaded them
             low: Any = "-inf" if full or not known.loaded else known.seen_ms
             got = self._call(lambda c: c.zrangebyscore(self._tombstones_name, low, "+inf",
                                                        withscores=True), failed=_FAILED)
