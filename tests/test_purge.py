@@ -120,7 +120,9 @@ def test_purge_by_sub_client_id_token_and_all(two, redis_disposable):
         out = run_purge(conf, "--all")
         assert out.returncode == 0, out.stderr
         dropped_everywhere([a, b], tokens[3])
-        assert [k for k in raw.keys("*")] == [b"unrelated"]
+        # Left: the unrelated key, and the tombstones, folded into one watermark.
+        assert sorted(raw.keys("*")) == [b"p:oauth2-introspection:tombstones", b"unrelated"]
+        assert raw.zcard("p:oauth2-introspection:tombstones") == 1
         assert b.get(tokens[3])["active"] and len(idp.calls) == 6
 
 
@@ -203,7 +205,7 @@ def test_purge_with_cluster(two, redis_cluster):
         assert run_purge(conf, "--all").returncode == 0
         dropped_everywhere([a, b], tokens[0])
         left = [k for n in redis_cluster.nodes for k in n.client().keys("pc:*")]
-        assert left == []
+        assert left == [b"pc:oauth2-introspection:tombstones"]
 
 
 # -- through the Kong stand-in: two real plugin-server processes -----------------------
@@ -318,8 +320,10 @@ def test_index_sets_shrink_as_their_entries_expire(redis_disposable):
             finally:
                 store.close()
             assert removed == 10 and len(message["keys"]) == 10
-            # left: the sub index, whose members now point at nothing and expire with it
-            assert [k for k in raw.keys("ix:*") if b":idx:sub:" not in k] == []
+            # left: the sub index, whose members now point at nothing and expire with
+            # it, and the purge's tombstone
+            assert [k for k in raw.keys("ix:*") if b":idx:sub:" not in k] == [
+                b"ix:oauth2-introspection:tombstones"]
             # purging what is not cached says so: 0 is an answer
             out = run_purge(conf, "--client-id", "app9")
             assert out.returncode == 0 and "0 cached entries removed" in out.stdout, out.stdout
@@ -344,3 +348,293 @@ def test_an_index_left_by_an_older_version_is_converted(redis_disposable):
         assert store.purge_tag("sub", "olga")[1] == ["new-key", "old-key"]
     finally:
         store.close()
+
+
+# -- issue 19.3: a purge is final; replaying recorded values or messages restores nothing --
+
+class Recorder:
+    """Whoever can write to Redis: records the entries and announcements of a
+    prefix, and sets and publishes them again after a purge."""
+
+    def __init__(self, client, prefix, listen_client=None, messages=True):
+        self.client, self.prefix, self.want_messages = client, prefix, messages
+        self.pubsub = (listen_client or client).pubsub()
+        self.pubsub.subscribe(prefix + "oauth2-introspection")
+        deadline = time.monotonic() + 5
+        while (self.pubsub.get_message(timeout=0.5) or {}).get("type") != "subscribe":
+            assert time.monotonic() < deadline, "the recorder never subscribed"
+        self.values, self.messages = {}, []
+
+    def record(self, nodes):
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            msg = self.pubsub.get_message(timeout=0.5)
+            if msg and msg["type"] == "message" and b'"op":"done"' in msg["data"]:
+                self.messages.append(msg["data"])
+            elif msg is None and self.messages:
+                break
+        for node in nodes:
+            for name in node.keys(self.prefix + "*"):
+                if len(name) == len(self.prefix) + 64:      # an entry (cache key)
+                    self.values[name] = node.get(name)
+        assert self.values and (self.messages or not self.want_messages), "nothing recorded"
+
+    def replay(self):
+        for name, value in self.values.items():
+            self.client.set(name, value, px=300000)
+        for data in self.messages:
+            self.client.publish(self.prefix + "oauth2-introspection", data)
+
+    def close(self):
+        self.pubsub.close()
+
+
+def revocable_idp(revoked):
+    def behaviour(form, headers):
+        if form["token"] in revoked:
+            return Reply(200, {"active": False})
+        _, sub, client, _n = form["token"].split("-")
+        return Reply(200, {"active": True, "sub": sub, "client_id": client,
+                           "exp": int(time.time()) + 3600})
+    return IdPDouble(behaviour)
+
+
+def _replay_refused(two, conf, recorder, raw_nodes, token, purge_args, idp, revoked):
+    """Cache, record, revoke, purge, replay: no node (up, or started afterwards)
+    serves the revoked token, and each asks the IdP again."""
+    a, b = two(conf)
+    assert a.get(token)["active"]
+    held_everywhere([a, b], token)
+    recorder.record(raw_nodes)
+    revoked.add(token)
+    out = run_purge(conf, *purge_args, stdin=token + "\n")
+    assert out.returncode == 0, out.stderr
+    dropped_everywhere([a, b], token)
+    recorder.replay()
+    time.sleep(0.3)                               # the replayed announcement arrives
+    assert a.peek(token) is None and b.peek(token) is None
+    before = len(idp.calls)
+    assert a.get(token)["active"] is False and b.get(token)["active"] is False
+    assert len(idp.calls) > before
+    recorder.replay()                             # and once more, for a node that was down
+    late = CacheNode(conf)
+    try:
+        late.wait_subscribed()
+        before = len(idp.calls)
+        assert late.get(token)["active"] is False and len(idp.calls) == before + 1
+    finally:
+        late.stop()
+
+
+@pytest.mark.parametrize("by", ["--token-stdin", "--sub", "--client-id", "--all"])
+def test_replayed_values_and_announcements_after_a_purge_restore_nothing(two, redis_disposable,
+                                                                         by):
+    revoked: set = set()
+    token = "tok-mallory-appx-1"
+    args = {"--token-stdin": ["--token-stdin"], "--sub": ["--sub", "mallory"],
+            "--client-id": ["--client-id", "appx"], "--all": ["--all"]}[by]
+    with revocable_idp(revoked) as idp:
+        conf = dict(plugin(idp, standalone_store(redis_disposable, prefix="rp:")),
+                    negative_ttl=0)
+        raw = redis_disposable.client()
+        recorder = Recorder(raw, "rp:")
+        try:
+            _replay_refused(two, conf, recorder, [raw], token, args, idp, revoked)
+        finally:
+            recorder.close()
+
+
+def test_replay_refused_with_sentinel(two, redis_sentinel):
+    revoked: set = set()
+    store = {"key_prefix": "rs:", "secret": STORE_SECRET, "redis": {
+        "endpoints": redis_sentinel.endpoints, "password": PASSWORD,
+        "sentinel": {"master_set": MASTER_SET, "password": SENTINEL_PASSWORD}}}
+    with revocable_idp(revoked) as idp:
+        conf = dict(plugin(idp, store), negative_ttl=0)
+        master = redis_sentinel.server_on(redis_sentinel.master_port()).client()
+        recorder = Recorder(master, "rs:")
+        try:
+            _replay_refused(two, conf, recorder, [master], "tok-sybil-apps-1",
+                            ["--token-stdin"], idp, revoked)
+        finally:
+            recorder.close()
+
+
+def test_replay_refused_with_cluster(two, redis_cluster):
+    import redis
+    revoked: set = set()
+    store = {"key_prefix": "rc:", "secret": STORE_SECRET,
+             "redis": {"endpoints": redis_cluster.endpoints, "password": PASSWORD,
+                       "cluster": True}}
+    host, port = redis_cluster.endpoints[0].rsplit(":", 1)
+    writer = redis.RedisCluster(host=host, port=int(port), password=PASSWORD)
+    with revocable_idp(revoked) as idp:
+        conf = dict(plugin(idp, store), negative_ttl=0)
+        # The recorder hears no announcement on a Cluster node here: values only.
+        recorder = Recorder(writer, "rc:", listen_client=redis_cluster.nodes[0].client(),
+                            messages=False)
+        try:
+            _replay_refused(two, conf, recorder, [n.client() for n in redis_cluster.nodes],
+                            "tok-trent-appc-1", ["--sub", "trent"], idp, revoked)
+        finally:
+            recorder.close()
+            writer.close()
+
+
+def test_tombstones_are_bounded_and_folding_keeps_a_purge_final(redis_disposable, monkeypatch):
+    """1,000 purges by token leave 1,000 sealed tombstones (no token, no key in
+    clear beyond the HMAC cache key); past the bound, or once expired, the oldest
+    fold into one watermark that still refuses every value fetched before them."""
+    from kong_oauth2_introspection import tombstones
+    from kong_oauth2_introspection.cache import TokenCache
+    from kong_oauth2_introspection.log import Log
+    from kong_oauth2_introspection.purge import purge
+    from kong_oauth2_introspection.store import TOMBSTONES, RedisStore
+    conf = standalone_store(redis_disposable, prefix="tb:")
+    raw = redis_disposable.client()
+    name = "tb:" + TOMBSTONES
+    store = RedisStore.from_config(conf, Log())
+    try:
+        fetched_before = time.time() - 10         # an answer from before every purge
+        keys = [TokenCache(key_material=b"idp").key("tok-n-%d" % i) for i in range(1000)]
+        for i in range(1000):
+            purge(store, "idp", token="tok-n-%d" % i, lifetime=300)
+        count, size = raw.zcard(name), raw.memory_usage(name)
+        print("after 1000 purges: %d tombstones, %d bytes in Redis" % (count, size))
+        assert count == 1000 and size < 300 * 1000    # measured: 244,224 bytes
+        assert not any(k.encode() in m for m in raw.zrange(name, 0, -1) for k in keys[:5])
+
+        monkeypatch.setattr(tombstones, "MAX_TOMBSTONES", 100)
+        purge(store, "idp", token="tok-n-1000", lifetime=300)
+        assert raw.zcard(name) == 101              # 100 newest + the watermark
+        monkeypatch.setattr(tombstones, "MAX_TOMBSTONES", 10000)
+        purge(store, "idp", token="tok-short", lifetime=1)
+        time.sleep(1.2)
+        purge(store, "idp", sub="someone", lifetime=1)
+        # the expired one folded into the watermark, which now covers every older one
+        assert raw.zcard(name) == 2
+
+        # A process started now (it saw none of this) refuses a value of the first,
+        # folded, purge and of the expired one, but not a fresh value.
+        fresh = RedisStore.from_config(conf, Log())
+        try:
+            assert fresh.refused(keys[0], {"active": True}, fetched_before)
+            short = TokenCache(key_material=b"idp").key("tok-short")
+            assert fresh.refused(short, {"active": True}, fetched_before)
+            assert fresh.refused(keys[999], {"active": True}, fetched_before)
+            assert not fresh.refused(keys[999], {"active": True},
+                                     time.time() + tombstones.SKEW + 1)
+            assert fresh.tombstones.size() == 2
+        finally:
+            fresh.close()
+    finally:
+        store.close()
+
+
+def test_replay_after_a_purge_through_two_plugin_servers(two_servers, redis_disposable):
+    """Kong's protocol, real plugin servers: after the purge, the recorded value set
+    again and the recorded announcement published again leave both servers, and
+    a third started afterwards, answering 401 for the revoked token."""
+    from conftest import plugin_command
+    from kong_standin import KongStandIn
+    from test_plugin_kong import bearer, config
+    a, b = two_servers
+    revoked: set = set()
+    token = "tok-oscar-appk-1"
+    with revocable_idp(revoked) as idp:
+        conf = config(idp, store=standalone_store(redis_disposable, prefix="kp:"), ttl=300,
+                      negative_ttl=0)
+        raw = redis_disposable.client()
+        recorder = Recorder(raw, "kp:")
+        try:
+            ia, ib = a.configure(conf), b.configure(conf)
+            assert a.request(ia, "GET", "/", headers=bearer(token)).status == 200
+            recorder.record([raw])
+            assert b.request(ib, "GET", "/", headers=bearer(token)).status == 200
+            assert len(idp.calls) == 1
+            revoked.add(token)
+            out = run_purge(conf, "--token-stdin", stdin=token + "\n")
+            assert out.returncode == 0, out.stderr
+            recorder.replay()
+            time.sleep(0.3)
+            before = len(idp.calls)
+            for _ in range(3):
+                assert a.request(ia, "GET", "/", headers=bearer(token)).status == 401
+                assert b.request(ib, "GET", "/", headers=bearer(token)).status == 401
+            assert len(idp.calls) - before == 6        # each asked the IdP: no replay served
+            recorder.replay()
+            with KongStandIn(plugin_command()) as late:
+                il = late.configure(conf)
+                assert late.request(il, "GET", "/", headers=bearer(token)).status == 401
+                assert token not in late.server_log()
+        finally:
+            recorder.close()
+    assert token not in a.server_log() + b.server_log()
+
+
+def test_a_lagging_node_republishing_a_pre_purge_answer_is_refused(two, redis_disposable):
+    """Node A's IdP call was sent before the purge and answers after it: A uses the
+    answer for that request only; node B never serves it, from Redis or A's message."""
+    from kong_oauth2_introspection.log import Log
+    from kong_oauth2_introspection.purge import purge
+    from kong_oauth2_introspection.store import RedisStore
+    revoked: set = set()
+    slow = {"tok-lag-appl-1": 1.5}
+
+    def behaviour(form, headers):
+        token = form["token"]
+        if token in revoked and token not in slow:
+            return Reply(200, {"active": False})
+        return Reply(200, {"active": True, "sub": "lag", "client_id": "appl",
+                           "exp": int(time.time()) + 3600}, delay=slow.pop(token, 0.0))
+    with IdPDouble(behaviour) as idp:
+        conf = dict(plugin(idp, standalone_store(redis_disposable, prefix="lg:")),
+                    negative_ttl=0)
+        a, b = two(conf)
+        token = "tok-lag-appl-1"
+        pending = a.submit("get", token=token)
+        time.sleep(0.5)                           # A's request is at the IdP
+        revoked.add(token)
+        store = RedisStore.from_config(conf["store"], Log())
+        try:
+            purge(store, None, sub="lag")
+        finally:
+            store.close()
+        assert pending.result(10)["active"]       # the request already in flight
+        time.sleep(0.3)
+        assert a.peek(token) is None and b.peek(token) is None
+        before = len(idp.calls)
+        assert b.get(token)["active"] is False and a.get(token)["active"] is False
+        assert len(idp.calls) - before == 2
+
+
+def test_a_node_that_hears_no_announcement_learns_the_purge_on_its_next_read(two,
+                                                                           redis_disposable):
+    """A process whose Redis user may not use channels hears no purge; reading the
+    replayed value from Redis, it looks at the tombstones first and refuses it."""
+    admin = redis_disposable.client()
+    admin.acl_setuser("deaf", enabled=True, passwords=["+deaf-pw"], keys=["*"],
+                      commands=["+@all"], reset_channels=True)
+    revoked: set = set()
+    token = "tok-dora-appd-1"
+    with revocable_idp(revoked) as idp:
+        conf = dict(plugin(idp, standalone_store(redis_disposable, prefix="dn:")),
+                    negative_ttl=0)
+        deaf_conf = dict(conf, store=dict(conf["store"], redis=dict(
+            conf["store"]["redis"], username="deaf", password="deaf-pw")))
+        recorder = Recorder(admin, "dn:")
+        deaf = CacheNode(deaf_conf)
+        try:
+            a, _b = two(conf)
+            assert a.get(token)["active"]
+            recorder.record([admin])
+            revoked.add(token)
+            assert run_purge(conf, "--token-stdin", stdin=token + "\n").returncode == 0
+            recorder.replay()
+            assert deaf.call("status")["subscribed"] is False
+            before = len(idp.calls)
+            assert deaf.get(token)["active"] is False and len(idp.calls) == before + 1
+        finally:
+            recorder.close()
+            deaf.stop()
+        assert "deaf-pw" not in deaf.log() and token not in deaf.log()

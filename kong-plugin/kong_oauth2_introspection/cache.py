@@ -35,6 +35,12 @@ other. Purges (``purge.py``) travel on the same channel. While the channel is
 down a process cannot hear purges, so it empties its in-process level whenever
 the subscription is lost or made again.
 
+A purge also leaves tombstones (``tombstones.py``): a value fetched before a
+purge of its key or claims is refused wherever it comes from (a Redis read, an
+announcement), so setting or announcing a recorded value again restores
+nothing; what this process holds that a new tombstone covers is dropped, and an
+answer whose fetch a purge overtook is neither kept nor shared.
+
 Announcement format, on channel ``<key_prefix>oauth2-introspection``, JSON:
 ``{"v": 1, "op": "done", "from": <process id>, "key": <cache key>,
 "outcome": "stored" | "inactive" | "nostore" | "failed", "value": <base64 of the
@@ -165,6 +171,9 @@ class TokenCache:
         self._id = os.urandom(8).hex()   # tells our own announcements apart
         if store is not None and hasattr(store, "add_listener"):
             store.add_listener(self._on_message)
+        self._tombstones = getattr(store, "tombstones", None)
+        if self._tombstones is not None:
+            self._tombstones.subscribe(self._sweep)
 
     def key(self, token: str, context: str = "") -> str:
         """The cache key of a token (and of what else the IdP was told, if anything)."""
@@ -332,6 +341,8 @@ class TokenCache:
         store = self.store
         metrics.cache("miss")
         outcome, blob = FAILED, None
+        known = self._tombstones
+        generation = known.generation if known is not None else 0
         try:
             try:
                 answer = self._ask(fetch, breaker)
@@ -340,7 +351,11 @@ class TokenCache:
             now = self.clock()
             entry = Entry(answer.claims, now, now)
             entry = entry._replace(evict_at=policy.stale_until(entry))
-            if answer.cacheable and entry.evict_at > now:
+            # A purge heard while the IdP was answering may postdate the answer: use
+            # it for this request only.
+            overtaken = known is not None and known.generation != generation \
+                and known.covers(key, entry.claims, now)
+            if answer.cacheable and entry.evict_at > now and not overtaken:
                 outcome = STORED
                 with self._lock:
                     self._local[key] = entry
@@ -404,6 +419,8 @@ class TokenCache:
         entry = Entry.decode(blob) if blob else None
         if entry is None or policy.fresh_until(entry) <= self.clock():
             return None
+        if self._refused(key, entry):
+            return None
         with self._lock:
             self._local[key] = entry
         metrics.cache("shared_hit")
@@ -435,7 +452,7 @@ class TokenCache:
             except (ValueError, TypeError):
                 blob = None
             entry = Entry.decode(blob) if blob else None
-            if entry is not None and entry.evict_at > now:
+            if entry is not None and entry.evict_at > now and not self._refused(key, entry):
                 with self._lock:
                     self._local[key] = entry
             else:
@@ -469,6 +486,24 @@ class TokenCache:
             doomed = [k for k, e in items
                       if isinstance(e.claims.get(by), str)
                       and self.store.tag(by, e.claims[by]) in wanted]
+            with self._lock:
+                for k in doomed:
+                    self._local.pop(k, None)
+
+    def _refused(self, key: str, entry: Entry) -> bool:
+        """A value from outside this process, fetched before a purge covering it."""
+        refused = getattr(self.store, "refused", None)
+        return refused is not None and refused(key, entry.claims, entry.fetched_at)
+
+    def _sweep(self) -> None:
+        """New tombstones: forget what this process holds that they cover."""
+        known = self._tombstones
+        if known is None:
+            return
+        with self._lock:
+            items = list(self._local.items())
+        doomed = [k for k, e in items if known.covers(k, e.claims, e.fetched_at)]
+        if doomed:
             with self._lock:
                 for k in doomed:
                     self._local.pop(k, None)

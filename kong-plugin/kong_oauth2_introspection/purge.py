@@ -35,13 +35,22 @@ The message, published on channel ``<key_prefix>oauth2-introspection`` (the
 channel of ``cache.py``'s announcements), is JSON::
 
     {"v": 1, "op": "purge", "by": "key" | "sub" | "client_id" | "all",
-     "ids": [...], "keys": [...]}
+     "ids": [...], "keys": [...], "tombs": [...]}
 
 ``ids`` holds cache keys (``by: key``) or claim tags (``sub``, ``client_id``:
 ``HMAC-SHA256(SHA256("oauth2-introspection/index\\0" || store.secret),
 kind || "\\0" || value)``, hex); ``keys`` the cache keys found in the index.
 A process drops the listed keys and, for a tag, any entry whose claim has that
 tag; ``all`` empties its in-process cache.
+
+Before deleting anything the command leaves tombstones (``tombstones.py``):
+sealed records that make every process refuse, from then on, a value of the
+purged key or claim fetched before the purge, whoever sets or announces it
+again. ``"tombs"`` in the message carries them (base64), so a process need not
+read them back. They live as long as the longest-lived answer the given configs
+can keep (``ttl`` + ``stale_if_error``, ``TTL0_TOMBSTONE_LIFETIME`` for
+``ttl: 0``), and are then folded into a watermark that keeps refusing older
+values: a purge stays final.
 
 Without ``store.redis`` there is nothing shared to purge: each process keeps its
 own cache for at most ``ttl``; the command says so and exits 1.
@@ -57,6 +66,15 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import NAME
 
 USAGE_EXIT, FAILED_EXIT = 2, 1
+# ttl 0 keeps answers until exp, unknown here: a day, then the watermark covers them.
+TTL0_TOMBSTONE_LIFETIME = 86400.0
+
+
+def tombstone_lifetime(conf) -> float:
+    """How long an answer cached under ``conf`` may be used, at most (seconds)."""
+    from .tombstones import SKEW
+    ttl = conf.ttl if conf.ttl > 0 else TTL0_TOMBSTONE_LIFETIME
+    return max(ttl + max(conf.stale_if_error, 0), conf.negative_ttl) + SKEW
 
 
 class _Quiet:
@@ -114,43 +132,53 @@ def _vault_reference(value: Any) -> bool:
     return False
 
 
-def _targets(raw_configs) -> List[Tuple[Any, Any]]:
-    """(parsed config, store) per distinct store and IdP identity."""
+def _targets(raw_configs) -> List[Tuple[str, Any, float]]:
+    """(IdP identity, store, tombstone lifetime) per distinct store and IdP identity."""
     from .config import Config
     from .handler import idp_identity
     from .store import RedisStore
 
-    seen: Dict[Tuple[str, str], Tuple[Any, Any]] = {}
+    seen: Dict[Tuple[str, str], Tuple[str, Any, float]] = {}
     for raw in raw_configs:
         conf = Config.parse(raw)
         if not conf.store:
             continue
         static = {n: t.text for n, t in conf.custom_introspection_headers if t.plain}
         ident = (idp_identity(conf, static), json.dumps(conf.store, sort_keys=True, default=str))
-        if ident not in seen:
+        if ident in seen:
+            identity, store, lifetime = seen[ident]
+            seen[ident] = (identity, store, max(lifetime, tombstone_lifetime(conf)))
+        else:
             store = RedisStore.from_config(conf.store, _Quiet())
             if store is not None:
-                seen[ident] = (ident[0], store)
+                seen[ident] = (ident[0], store, tombstone_lifetime(conf))
     return list(seen.values())
 
 
 def purge(store, identity: Optional[str], *, token: Optional[str] = None,
           sub: Optional[str] = None, client_id: Optional[str] = None,
-          everything: bool = False) -> Tuple[Dict[str, Any], int]:
+          everything: bool = False,
+          lifetime: float = TTL0_TOMBSTONE_LIFETIME) -> Tuple[Dict[str, Any], int]:
     """Purge one store and announce it; returns the message sent and the number of
-    cached entries deleted from Redis. Raises on Redis failure."""
+    cached entries deleted from Redis. Raises on Redis failure.
+
+    The tombstones are written first: a value set again between the delete and
+    the announcement is refused already."""
     from .cache import TokenCache
 
     message: Dict[str, Any] = {"v": 1, "op": "purge"}
     if token is not None:
         key = TokenCache(key_material=(identity or "").encode()).key(token)
+        message["tombs"] = store.bury(["key:" + key], lifetime)
         removed = store.purge_keys([key])
         message.update(by="key", ids=[key], keys=[])
     elif sub is not None or client_id is not None:
         kind, value = ("sub", sub) if sub is not None else ("client_id", client_id)
+        message["tombs"] = store.bury([kind + ":" + store.tag(kind, value)], lifetime)
         tag, keys, removed = store.purge_tag(kind, value)
         message.update(by=kind, ids=[tag], keys=keys)
     elif everything:
+        message["tombs"] = store.bury(["all"], lifetime)
         removed = store.purge_all()
         message.update(by="all", ids=[], keys=[])
     else:
@@ -190,10 +218,11 @@ def main(argv=None) -> int:
               "drops its answers after ttl", file=sys.stderr)
         return FAILED_EXIT
     status = 0
-    for identity, store in targets:
+    for identity, store, lifetime in targets:
         try:
             message, removed = purge(store, identity, token=token, sub=args.sub,
-                                     client_id=args.client_id, everything=args.all)
+                                     client_id=args.client_id, everything=args.all,
+                                     lifetime=lifetime)
             # In-process copies are dropped on every node by the announcement; the
             # count is what Redis held (0: nothing cached there, which is fine).
             print("purged by %s on %s: %d cached entr%s removed from Redis, every node told"

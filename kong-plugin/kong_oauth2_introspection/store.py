@@ -35,6 +35,13 @@ Each entry written with ``index`` is also listed in Redis sorted sets named
 their entry's expiry (Redis's clock) and trimmed on every write, so an index
 holds the live entries only.
 
+A purge also leaves tombstones (``tombstones.py``) in one sorted set,
+``<key_prefix>oauth2-introspection:tombstones``: sealed records scored by their
+time (Redis's clock). A process loads them all when it (re)subscribes, takes the
+new ones from each purge announcement, and, before believing a value read from
+Redis, looks for newer ones when it is not subscribed or last looked more than
+``TOMBSTONE_REFRESH`` seconds ago (a failover may lose a message): ``refused``.
+
 Every call spends from the request's deadline (``concurrency.current_deadline``):
 a call is only started when the time left covers its socket timeout (otherwise
 it counts as a miss, never as a reason to wait), and raises DeadlineExceeded
@@ -45,6 +52,7 @@ second, because redis-py only asks them when a connection breaks, and a master
 demoted by a failover keeps accepting connections until it is reconfigured.
 """
 
+import base64
 import collections
 import functools
 import hashlib
@@ -63,6 +71,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import metrics
+from . import tombstones as tombs
 from .concurrency import DeadlineExceeded, current_deadline
 
 NONCE_SIZE = 12
@@ -75,6 +84,8 @@ _MAX_OWNED_LEASES = 10000
 CHANNEL = "oauth2-introspection"          # after the key prefix
 INDEX = "oauth2-introspection:idx:"       # after the key prefix
 INDEX_KINDS = ("sub", "client_id")
+TOMBSTONES = "oauth2-introspection:tombstones"   # after the key prefix
+TOMBSTONE_REFRESH = 1.0
 _RESUBSCRIBE_FIRST = 0.2
 _RESUBSCRIBE_MAX = 5.0
 
@@ -123,6 +134,11 @@ else
 end
 redis.call('DEL', KEYS[1])
 return members
+"""
+
+# Redis's clock, on the node holding the tombstones (one key: a Cluster too).
+_TIME_LUA = _NOW_LUA + """
+return now
 """
 
 # Delete the lease only when it still holds our token: after it expired another
@@ -274,6 +290,11 @@ class RedisStore:
         self._lease_script: Any = None
         self._index_script: Any = None
         self._take_index_script: Any = None
+        self._time_script: Any = None
+        self._tombstones_name = self.key_prefix + TOMBSTONES
+        self.tombstones = tombs.Tombstones(self.tag, time.time)
+        self._tombstones_at = -math.inf     # monotonic time of the last look
+        self._tombstones_lock = threading.Lock()
         self._listeners: List[Callable[[Optional[dict]], None]] = []
         self._listen_thread: Optional[threading.Thread] = None
         self.subscribed = False
@@ -539,6 +560,123 @@ class RedisStore:
                     name="oauth2-introspection-store-listen")
                 self._listen_thread.start()
 
+    # -- tombstones (tombstones.py) -------------------------------------------------
+
+    def refused(self, key: str, claims: Dict[str, Any], fetched_at: float) -> bool:
+        """Must a value of ``key`` from outside this process (read from Redis, heard
+        in an announcement, kept in a node-local cache) count as a miss? True when a
+        purge came after it was fetched, and while the tombstones cannot be known.
+        Looks for new tombstones first when due (see the module doc)."""
+        try:
+            self._refresh_tombstones()
+            return self.tombstones.covers(key, claims, fetched_at)
+        except DeadlineExceeded:
+            raise
+        except Exception as err:  # noqa: BLE001 - unknown means refused
+            self._failed(err, trip=False)
+            return True
+
+    def _refresh_tombstones(self, full: bool = False) -> None:
+        known = self.tombstones
+        if not full and known.loaded and self.subscribed \
+                and time.monotonic() - self._tombstones_at < TOMBSTONE_REFRESH:
+            return
+        # Another thread looking: what is known holds meanwhile, or, when nothing is
+        # known yet, wait for its look (one socket timeout at most).
+        was_loaded = known.loaded
+        if was_loaded:
+            if not self._tombstones_lock.acquire(blocking=False):
+                return
+        elif not self._tombstones_lock.acquire(timeout=self.timeout_s):
+            return
+        try:
+            if not was_loaded and known.loaded and not full:
+                return    # the other thread loaded them
+            low: Any = "-inf" if full or not known.loaded else known.seen_ms
+            got = self._call(lambda c: c.zrangebyscore(self._tombstones_name, low, "+inf",
+                                                       withscores=True), failed=_FAILED)
+            if got is _FAILED:
+                return    # not loaded stays not loaded: values from outside are refused
+            self._tombstones_at = time.monotonic()
+            records = []
+            for member, score in got:
+                opened = self._open_tombstone(member)
+                if opened is not None:
+                    records.append(opened)
+                known.seen_ms = max(known.seen_ms, int(score))
+            known.learn(records, loaded=True)
+        finally:
+            self._tombstones_lock.release()
+
+    def _learn_announced(self, sealed: Any) -> None:
+        """Take the tombstones a purge announcement carries (each sealed: a replayed
+        one is a real purge again); look in Redis when they are missing or odd."""
+        records = []
+        if isinstance(sealed, list):
+            for item in sealed:
+                try:
+                    opened = self._open_tombstone(base64.b64decode(item, validate=True))
+                except (ValueError, TypeError):
+                    opened = None
+                if opened is None:
+                    break
+                records.append(opened)
+            else:
+                if records:
+                    self.tombstones.learn(records)
+                    return
+        self._refresh_tombstones(full=True)
+
+    def _seal_tombstone(self, plain: bytes) -> bytes:
+        return self.sealer.seal(plain, self._tombstones_name.encode()) if self.sealer else plain
+
+    def _open_tombstone(self, blob: Any) -> Optional[Tuple[str, float, float]]:
+        if not isinstance(blob, (bytes, bytearray)):
+            return None
+        if self.sealer is None:
+            return tombs.parse(bytes(blob))
+        return tombs.parse(self.sealer.open(bytes(blob), self._tombstones_name.encode()))
+
+    def bury(self, scopes: List[str], lifetime_s: float) -> List[str]:
+        """Leave a tombstone for each scope (``key:<key>``, ``<kind>:<tag>``, ``all``)
+        at Redis's time, alive ``lifetime_s`` seconds, then fold the set; the sealed
+        records (base64) for the announcement. Raises on a Redis failure."""
+        client = self._require_client()
+        name = self._tombstones_name
+        now_ms = int(self._time_script(keys=[name], client=client))
+        expires = now_ms + min(max(1, int(lifetime_s * 1000)), _MAX_TTL_MS)
+        members = [self._seal_tombstone(tombs.record(s, now_ms, expires)) for s in scopes]
+        if members:
+            client.zadd(name, {m: now_ms for m in members})
+        self._fold_tombstones(client, now_ms)
+        return [base64.b64encode(m).decode() for m in members]
+
+    def _fold_tombstones(self, client, now_ms: int) -> None:
+        """Expired tombstones, those the watermark covers and the oldest past the
+        bound become one watermark record; what it replaces is removed."""
+        name = self._tombstones_name
+        stored = [(m, self._open_tombstone(m)) for m, _ in
+                  client.zrange(name, 0, -1, withscores=True)]
+        mark, live = tombs.fold([r for _, r in stored if r is not None], now_ms / 1000)
+        doomed, marks = [], []
+        for member, rec in stored:
+            if rec is not None and rec[0] == tombs.ALL:
+                marks.append((member, rec))
+            elif rec is None or rec[0] not in live or rec[1] < live[rec[0]][0]:
+                doomed.append(member)
+        if mark > -math.inf:
+            kept = [m for m, r in marks if r[1] >= mark]
+            if not kept:
+                mark_ms = int(round(mark * 1000))
+                member = self._seal_tombstone(tombs.record(tombs.ALL, mark_ms,
+                                                           now_ms + _MAX_TTL_MS))
+                client.zadd(name, {member: mark_ms})
+                kept = [member]
+            doomed += [m for m, _ in marks if m not in kept]
+        if doomed:
+            client.zrem(name, *doomed)
+        client.pexpire(name, _MAX_TTL_MS)
+
     # -- purges (purge.py) --------------------------------------------------------
 
     def purge_keys(self, keys: List[str]) -> int:
@@ -612,6 +750,7 @@ class RedisStore:
                 self._lease_script = client.register_script(_LEASE_LUA)
                 self._index_script = client.register_script(_INDEX_LUA)
                 self._take_index_script = client.register_script(_TAKE_INDEX_LUA)
+                self._time_script = client.register_script(_TIME_LUA)
                 self._client = client
                 if self._watch is not None:
                     threading.Thread(target=self._watch_loop, args=(client,), daemon=True,
@@ -644,6 +783,8 @@ class RedisStore:
                     if msg.get("type") == "subscribe":
                         self.subscribed = True
                         delay = _RESUBSCRIBE_FIRST
+                        # Subscribed first, then loaded: a purge after the load is heard.
+                        self._refresh_tombstones(full=True)
                         self._tell(None)   # whatever was sent before now was missed
                     elif msg.get("type") == "message":
                         self._dispatch(msg.get("data"))
@@ -668,6 +809,8 @@ class RedisStore:
         except (ValueError, TypeError):
             return
         if isinstance(message, dict) and message.get("v") == 1:
+            if message.get("op") == "purge":
+                self._learn_announced(message.get("tombs"))
             self._tell(message)
 
     def _tell(self, message: Optional[dict]):
