@@ -44,8 +44,11 @@ def guarded(text):
         scopes += [service] + list(service.get("routes") or [])
     for scope in scopes:
         ours = [p for p in scope.get("plugins") or [] if p.get("name") == "oauth2-introspection"]
-        if ours:
-            scope["plugins"].append(post_function_entry(ours[0].get("config")))
+        both = any(p.get("name") == "oauth2-client-credentials" for p in scope.get("plugins") or [])
+        if ours:   # rendered for our plugins on that scope
+            scope["plugins"].append(post_function_entry(
+                ours[0].get("config"), ["oauth2-introspection"]
+                + (["oauth2-client-credentials"] if both else [])))
     return yaml.safe_dump(doc, sort_keys=False)
 
 
