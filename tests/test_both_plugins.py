@@ -220,3 +220,35 @@ def test_guard_requires_both_plugins(fresh, auth, jwt_introspection, order):
     assert r.status == 503 and r.guard_exit == 503 and not r.proxied, r.body
     cc.restart_server()
     assert c.request("GET", "/", headers=headers, guard=intro).status == 200
+
+
+def test_cache_hit_costs_one_call_more_than_the_two_plugins_alone(servers, auth):
+    # in Kong's order client-credentials already reads the credential (introspection's
+    # headers are there); naming itself in it is its usual authenticate call
+    intro, cc = servers
+    token = auth.issue_token("alice-app", scope="read")
+    c = chain(servers, auth, "priority")
+    (_, intro_inst), (_, cc_inst) = c.pairs
+    for _ in range(2):   # the second: both caches hit
+        both = c.request("GET", "/", headers=bearer(token), guard=intro)
+        alone_intro = intro.request(intro_inst, "GET", "/", headers=bearer(token))
+        alone_cc = cc.request(cc_inst, "GET", "/")
+    assert both.status == alone_cc.status == 200
+    assert alone_intro.guard_exit == 503   # the guard for both: introspection alone is not enough
+    assert len(both.pdk_calls) == len(alone_intro.pdk_calls) + len(alone_cc.pdk_calls) + 1, (
+        both.pdk_calls, alone_intro.pdk_calls, alone_cc.pdk_calls)
+    assert both.pdk_calls.count("kong.client.get_credential") == 1
+    assert "kong.client.get_consumer" not in both.pdk_calls   # no consumer mapped
+
+
+
+def test_reverse_order_without_hide_credentials_fails_closed(servers, auth, jwt_introspection):
+    # Known limit: running second, introspection asks Kong who authenticated only when
+    # it has something of another plugin's to keep (the Authorization header it would
+    # hide, or identity headers). Without hide_credentials it does not ask, so it
+    # cannot name client-credentials and the guard for both refuses: 503, not a pass.
+    intro, _ = servers
+    r = chain(servers, auth, "reverse", endpoint=jwt_introspection).request(
+        "GET", "/", headers=bearer(auth.issue_token("svc-dev", resource=API)), guard=intro)
+    assert r.status == 503 and r.guard_exit == 503 and not r.proxied
+    assert r.credential["authenticated_by"] == INTROSPECTION and "decided_by" not in r.credential
