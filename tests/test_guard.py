@@ -393,7 +393,8 @@ def test_problems_want_the_guard_for_every_plugin_on_the_scope():
     # the route gets client-credentials too: the service's one-plugin guard is not enough
     assert guard.problems(doc) == [
         "services[0].routes[0].plugins: oauth2-client-credentials and oauth2-introspection "
-        "apply here without the post-function guard (run_on_preflight=true, anonymous unset)"]
+        "apply here without the post-function guard (run_on_preflight=true, anonymous unset; "
+        "render it with: guard --plugin oauth2-client-credentials --plugin oauth2-introspection)"]
     doc["services"][0]["routes"][0]["plugins"].append(guard.post_function_entry({}, BOTH))
     assert guard.problems(doc) == []
 
@@ -404,3 +405,14 @@ def test_command_renders_for_both_plugins(capsys):
     assert json.loads(capsys.readouterr().out) == guard.post_function_entry({}, BOTH)
     assert guard.main(["--plugin", "oauth2-client-credentials", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == guard.post_function_entry({})
+
+
+def test_problem_for_both_names_the_command_with_the_settings():
+    intro = {"name": "oauth2-introspection", "config": {"anonymous": "guest",
+                                                        "run_on_preflight": False}}
+    doc = {"plugins": [intro, {"name": "oauth2-client-credentials", "config": {}}]}
+    [line] = guard.problems(doc)
+    command = line.split("render it with: guard ")[1].rstrip(")").split()
+    assert command == ["--plugin", "oauth2-client-credentials", "--plugin",
+                       "oauth2-introspection", "--no-preflight", "--anonymous"]
+    assert guard.main(command + ["--format", "json"]) == 0

@@ -209,7 +209,13 @@ def problems(doc: Any) -> List[str]:
                          f"appl{'ies' if len(names) == 1 else 'y'} here without the "
                          "post-function guard "
                          f"(run_on_preflight={_lua_bool(run_on_preflight_of(config))}, "
-                         f"anonymous {'set' if logical_or_of(config) else 'unset'})")
+                         f"anonymous {'set' if logical_or_of(config) else 'unset'}"
+                         + ("; render it with: guard " + " ".join(
+                             ["--plugin " + n for n in names]
+                             + (["--no-preflight"] if not run_on_preflight_of(config) else [])
+                             + (["--anonymous"] if logical_or_of(config) else []))
+                            if len(names) > 1 else "")
+                         + ")")
     return found
 
 
