@@ -44,8 +44,11 @@ def guarded(text):
         scopes += [service] + list(service.get("routes") or [])
     for scope in scopes:
         ours = [p for p in scope.get("plugins") or [] if p.get("name") == "oauth2-introspection"]
-        if ours:
-            scope["plugins"].append(post_function_entry(ours[0].get("config")))
+        both = any(p.get("name") == "oauth2-client-credentials" for p in scope.get("plugins") or [])
+        if ours:   # rendered for our plugins on that scope
+            scope["plugins"].append(post_function_entry(
+                ours[0].get("config"), ["oauth2-introspection"]
+                + (["oauth2-client-credentials"] if both else [])))
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -557,3 +560,43 @@ def test_kubernetes_manifests(tmp_path):
     path.write_text(MANIFESTS.split("configPatches:")[0])
     result = _command(str(path))
     assert result.returncode == 1 and "at least one of these fields" in result.stdout
+
+
+def test_every_plugin_level_problem_of_one_entry(capsys, tmp_path):
+    # the runtime's parse stops at the first of these; check names all three
+    code, lines, err = run(capsys, """\
+        plugins:
+          - name: oauth2-introspection
+            config:
+              introspection_url: https://idp.example/introspect
+              authorization_value: Basic a29uZzpzZWNyZXQ=
+              claims: "Equals(`grp`"
+              forward_headers: {"Bad Header": "grp"}
+              scopes_required: ['read"write']
+              username_claim: "a..b"
+        """, tmp_path)
+    assert code == 1
+    # Kong's schema rule first, then the plugin's own three
+    assert sorted(line.split(":")[0] for line in lines) == [
+        "plugins[0].config.claims", "plugins[0].config.forward_headers",
+        "plugins[0].config.scopes_required", "plugins[0].config.username_claim"], lines
+    assert "4 problems in 1 oauth2-introspection entry" in err, err
+
+
+def test_every_plugin_level_problem_of_one_client_credentials_entry(capsys, tmp_path):
+    pytest.importorskip("kong_oauth2_introspection.client_credentials.config")
+    code, lines, err = run(capsys, """\
+        plugins:
+          - name: oauth2-client-credentials
+            config:
+              url: https://idp.example/token
+              audience: https://api
+              claims: "Equals(`grp`"
+              forward_headers: {"Bad Header": "grp"}
+              username_claim: "a..b"
+        """, tmp_path)
+    assert code == 1
+    assert len(lines) == 3 + sum("guard" in line for line in lines), lines
+    assert sorted(line.split(":")[0] for line in lines if "guard" not in line) == [
+        "plugins[0].config.claims", "plugins[0].config.forward_headers",
+        "plugins[0].config.username_claim"], lines

@@ -50,7 +50,10 @@ class FakeKong:
         self.method, self.credential, self.consumer = method, credential, consumer
 
     def _table(self, value):
-        return None if value is None else self.lua.table_from(value)
+        if value is None or not isinstance(value, dict):
+            return value
+        return self.lua.table_from({k: self.lua.table_from(v) if isinstance(v, list) else v
+                                    for k, v in value.items()})
 
     def table(self):
         def get_credential():
@@ -86,11 +89,16 @@ def _to_python(value):
 class Guard:
     """One rendered chunk, loaded once like post-function does, called per request."""
 
-    def __init__(self, run_on_preflight: bool, logical_or: bool = False):
+    def __init__(self, run_on_preflight: bool, logical_or: bool = False,
+                 plugins=("oauth2-introspection",)):
         self.lua = lupa_runtime.LuaRuntime(unpack_returned_tuples=True)
         self.kong = FakeKong(self.lua)
-        env = self.lua.table_from({"kong": self.kong.table()})
-        chunk, err = self.lua.execute(_LOADER)(guard.render(run_on_preflight, logical_or), env)
+        # Kong's sandbox (untrusted_lua = sandbox) keeps Lua's base functions; the
+        # guard for both plugins uses two of them, nothing else beyond kong.
+        lua_g = self.lua.globals()
+        env = self.lua.table_from({"kong": self.kong.table(), "type": lua_g.type,
+                                   "ipairs": lua_g.ipairs})
+        chunk, err = self.lua.execute(_LOADER)(guard.render(run_on_preflight, logical_or, plugins), env)
         assert err is None, err
         self.handler = chunk()
         assert lupa_runtime.lua_type(self.handler) == "function"
@@ -342,3 +350,69 @@ def test_design_notes_show_the_rendered_chunk():
     notes = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
     section = notes[notes.index("## The guard's chunk"):]
     assert "```lua\n" + guard.render(True) + "```\n" in section
+
+
+# --- Both of our plugins on one scope (issue 17.4) -------------------------------
+
+BOTH = ("oauth2-introspection", "oauth2-client-credentials")
+
+
+def test_one_plugin_renders_guard_lua_unchanged():
+    # the chunk users already deployed stays byte for byte what it was
+    template = (ROOT / "kong-plugin" / "kong_oauth2_introspection" / "guard.lua").read_text()
+    for name in BOTH:
+        assert guard.render(True, False, [name]) == template
+    assert guard.render(True, False, BOTH) != template
+    assert guard.render(True, False, reversed(BOTH)) == guard.render(True, False, BOTH)
+    with pytest.raises(ValueError):
+        guard.render(True, False, ["key-auth"])
+
+
+@pytest.mark.parametrize("run_on_preflight,logical_or", VARIANTS)
+def test_guard_for_both_wants_both_decisions(run_on_preflight, logical_or):
+    both = Guard(run_on_preflight, logical_or, BOTH)
+    marked = guard.also_decided(CREDENTIAL, "oauth2-client-credentials")
+    assert both("GET", credential=marked) is None
+    assert both("GET", credential=guard.also_decided(CC_CREDENTIAL, "oauth2-introspection")) \
+        is None
+    assert both.kong.calls == ["get_credential"]     # one lookup, as for one plugin
+    for alone in (CREDENTIAL, CC_CREDENTIAL, dict(CREDENTIAL, decided_by="nope"),
+                  dict(CREDENTIAL, decided_by=["key-auth"])):
+        expected = None if logical_or else (503, BODY, None)
+        assert both("GET", credential=alone) == expected, alone
+
+
+def test_problems_want_the_guard_for_every_plugin_on_the_scope():
+    intro = {"name": "oauth2-introspection",
+             "config": {"introspection_url": "https://idp/i", "authorization_value": "Basic a"}}
+    cc = {"name": "oauth2-client-credentials", "config": {"url": "https://idp/t",
+                                                          "audience": "https://api"}}
+    doc = {"_format_version": "3.0", "services": [{"name": "s", "url": "http://up",
+           "plugins": [intro, guard.post_function_entry({})],
+           "routes": [{"name": "r", "paths": ["/"], "plugins": [cc]}]}]}
+    # the route gets client-credentials too: the service's one-plugin guard is not enough
+    assert guard.problems(doc) == [
+        "services[0].routes[0].plugins: oauth2-client-credentials and oauth2-introspection "
+        "apply here without the post-function guard (run_on_preflight=true, anonymous unset; "
+        "render it with: guard --plugin oauth2-client-credentials --plugin oauth2-introspection)"]
+    doc["services"][0]["routes"][0]["plugins"].append(guard.post_function_entry({}, BOTH))
+    assert guard.problems(doc) == []
+
+
+def test_command_renders_for_both_plugins(capsys):
+    assert guard.main(["--plugin", "oauth2-introspection", "--plugin",
+                       "oauth2-client-credentials", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == guard.post_function_entry({}, BOTH)
+    assert guard.main(["--plugin", "oauth2-client-credentials", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == guard.post_function_entry({})
+
+
+def test_problem_for_both_names_the_command_with_the_settings():
+    intro = {"name": "oauth2-introspection", "config": {"anonymous": "guest",
+                                                        "run_on_preflight": False}}
+    doc = {"plugins": [intro, {"name": "oauth2-client-credentials", "config": {}}]}
+    [line] = guard.problems(doc)
+    command = line.split("render it with: guard ")[1].rstrip(")").split()
+    assert command == ["--plugin", "oauth2-client-credentials", "--plugin",
+                       "oauth2-introspection", "--no-preflight", "--anonymous"]
+    assert guard.main(command + ["--format", "json"]) == 0

@@ -38,7 +38,7 @@ import copy
 import json
 import re
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import yaml
 
@@ -59,34 +59,67 @@ _PEMS = {
 }
 
 
+def _every(first: Callable[[Dict[str, Any]], Optional[Violation]],
+           plugin_schema: PluginSchema) -> DeepCheck:
+    """A deep check reporting every problem of an entry, where ``first`` (like the
+    runtime's parse) stops at the first: the top-level field each problem names is
+    put back to its default and ``first`` runs again, until it finds none. A field
+    is reported once, however many problems it holds."""
+    def deep(conf: Dict[str, Any]) -> List[Violation]:
+        defaults, _ = plugin_schema.validate({}, strict=False)
+        conf = dict(conf)
+        found: List[Violation] = []
+        reset: Set[str] = set()
+        while True:
+            try:
+                violation = first(conf)
+            except Exception:  # noqa: BLE001 - a value the schema refused (reported there)
+                if found:
+                    return found
+                raise
+            if violation is None:
+                return found
+            key = violation.path.split(".")[1] if violation.path.startswith("config.") \
+                else violation.path
+            if key in reset:
+                return found   # what its default broke, not the user's value
+            found.append(violation)
+            if key not in conf or conf[key] == (defaults or {}).get(key):
+                return found   # its default does not help: nothing more to learn
+            reset.add(key)
+            conf[key] = copy.deepcopy((defaults or {}).get(key))
+    return deep
+
+
 def _introspection() -> Tuple[PluginSchema, DeepCheck]:
     from .config import REQUEST_DEADLINE, Config, ConfigError
 
-    def deep(conf: Dict[str, Any]) -> List[Violation]:
+    def first(conf: Dict[str, Any]) -> Optional[Violation]:
         try:
             parsed = Config._from_valid(conf)
         except ConfigError as err:
-            return [Violation(err.field, err.message)]
+            return Violation(err.field, err.message)
         if parsed.worst_case > REQUEST_DEADLINE:
             # Kong cannot check a product; the plugin server would cut it short.
-            return [Violation("config.max_retries", "timeout x (max_retries + 1) plus backoff "
-                              "is %.1f s, more than the %g s request deadline: the last "
-                              "retries could never run" % (parsed.worst_case, REQUEST_DEADLINE))]
-        return []
-    return load(NAME), deep
+            return Violation("config.max_retries", "timeout x (max_retries + 1) plus backoff "
+                             "is %.1f s, more than the %g s request deadline: the last "
+                             "retries could never run" % (parsed.worst_case, REQUEST_DEADLINE))
+        return None
+    plugin_schema = load(NAME)
+    return plugin_schema, _every(first, plugin_schema)
 
 
 def _client_credentials() -> Tuple[PluginSchema, DeepCheck]:
     from .client_credentials.config import SCHEMA, Config, ConfigError
 
-    def deep(conf: Dict[str, Any]) -> List[Violation]:
+    def first(conf: Dict[str, Any]) -> Optional[Violation]:
         try:
             Config._from_valid(conf)
         except ConfigError as err:  # its text reads "PATH: MESSAGE"
             path, _, message = str(err).partition(": ")
-            return [Violation(path, message) if message else Violation("config", str(err))]
-        return []
-    return SCHEMA, deep
+            return Violation(path, message) if message else Violation("config", str(err))
+        return None
+    return SCHEMA, _every(first, SCHEMA)
 
 
 # Plugin name -> what checks its entries. Loaded on first use, so a plugin's

@@ -11,6 +11,13 @@ rendered into the chunk: ``anonymous`` (logical OR: any credential or consumer
 passes, as the plugin would let it) and ``run_on_preflight`` false (an OPTIONS
 request passes unauthenticated, as the plugin lets it).
 
+With both of our plugins on one scope, each must have decided the request: a
+request client-credentials let through while the introspection server was down
+never had its token checked. The plugin that runs second carries the first
+one's mark forward in the credential it sets (``decided_by``, read from the
+credential it already asks Kong for), and the guard rendered for that set of
+plugins requires every name. For one plugin the chunk is ``guard.lua`` as is.
+
 Only one post-function instance runs per request (the most specific of route,
 service and global), so the guard must sit on every scope where our plugin or
 another post-function sits; ``problems`` finds the scopes of a declarative
@@ -21,7 +28,7 @@ import argparse
 import json
 import sys
 from importlib import resources
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -31,6 +38,9 @@ POST_FUNCTION = "post-function"
 CLIENT_CREDENTIALS = "oauth2-client-credentials"
 # The field of the credential our handlers authenticate with that the guard reads.
 MARK = "authenticated_by"
+# Our plugins that decided the request before the one whose credential it is.
+DECIDED = "decided_by"
+OURS = (CLIENT_CREDENTIALS, NAME)
 _PREFLIGHT = "local run_on_preflight = true\n"
 _LOGICAL_OR = "local logical_or = false\n"
 
@@ -39,15 +49,77 @@ def _template() -> str:
     return (resources.files(__package__) / "guard.lua").read_text(encoding="utf-8")
 
 
-def render(run_on_preflight: bool, logical_or: bool = False) -> str:
+_OURS_LINE = ('local ours = { ["oauth2-introspection"] = true, '
+              '["oauth2-client-credentials"] = true }\n')
+_CHECK = "  if credential and ours[credential.authenticated_by] then\n"
+# For several of our plugins on one scope: the names every request must carry.
+_ALL = """-- Every one of them on this scope must have decided the request: the one that
+-- ran last names those before it in decided_by.
+local required = { %s }
+local function decided(credential)
+  local seen = {}
+  if type(credential.authenticated_by) == "string" then
+    seen[credential.authenticated_by] = true
+  end
+  if type(credential.decided_by) == "table" then
+    for _, name in ipairs(credential.decided_by) do seen[name] = true end
+  end
+  for _, name in ipairs(required) do
+    if not seen[name] then return false end
+  end
+  return true
+end
+"""
+
+
+def plugin_set(names: Iterable[str]) -> Tuple[str, ...]:
+    """Our plugins among ``names``, in a fixed order (what a guard is rendered for)."""
+    wanted = set(names)
+    unknown = wanted - set(OURS)
+    if unknown:
+        raise ValueError("not one of our plugins: %s" % ", ".join(sorted(unknown)))
+    return tuple(n for n in OURS if n in wanted)
+
+
+def render(run_on_preflight: bool, logical_or: bool = False,
+           plugins: Iterable[str] = (NAME,)) -> str:
     """The guard's Lua chunk for a plugin config with this ``run_on_preflight``
-    and, with ``logical_or``, an ``anonymous`` consumer."""
+    and, with ``logical_or``, an ``anonymous`` consumer, on a scope where
+    ``plugins`` (our plugins' names) apply."""
+    names = plugin_set(plugins)
+    if not names:
+        raise ValueError("a guard needs at least one of our plugins")
     text = _template()
-    for switch in (_PREFLIGHT, _LOGICAL_OR):
+    for switch in (_PREFLIGHT, _LOGICAL_OR, _OURS_LINE, _CHECK):
         if text.count(switch) != 1:
             raise RuntimeError("guard.lua lost its line %r" % switch.strip())
     text = text.replace(_PREFLIGHT, "local run_on_preflight = %s\n" % _lua_bool(run_on_preflight))
-    return text.replace(_LOGICAL_OR, "local logical_or = %s\n" % _lua_bool(logical_or))
+    text = text.replace(_LOGICAL_OR, "local logical_or = %s\n" % _lua_bool(logical_or))
+    if len(names) > 1:
+        text = text.replace(_OURS_LINE, _OURS_LINE + _ALL % ", ".join(
+            '"%s"' % n for n in names))
+        text = text.replace(_CHECK, "  if credential and decided(credential) then\n")
+    return text
+
+
+def decided(credential: Any) -> List[str]:
+    """Our plugins a credential Kong holds says decided this request."""
+    if not isinstance(credential, dict):
+        return []
+    found = [n for n in credential.get(DECIDED) or [] if n in OURS] \
+        if isinstance(credential.get(DECIDED), list) else []
+    if credential.get(MARK) in OURS and credential[MARK] not in found:
+        found.append(credential[MARK])
+    return found
+
+
+def also_decided(credential: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """A copy of ``credential`` (set by another of our plugins) naming ``name`` in
+    ``decided_by`` as well: the credential the plugin that runs later sets."""
+    names = [n for n in decided(credential) if n != credential.get(MARK)]
+    if name != credential.get(MARK) and name not in names:
+        names.append(name)
+    return dict(credential, **{DECIDED: names})
 
 
 def _lua_bool(value: bool) -> str:
@@ -64,14 +136,17 @@ def logical_or_of(plugin_config: Optional[Dict[str, Any]]) -> bool:
     return bool((plugin_config or {}).get("anonymous"))
 
 
-def render_for(plugin_config: Optional[Dict[str, Any]]) -> str:
-    """The guard's Lua chunk for ``plugin_config``."""
-    return render(run_on_preflight_of(plugin_config), logical_or_of(plugin_config))
+def render_for(plugin_config: Optional[Dict[str, Any]],
+               plugins: Iterable[str] = (NAME,)) -> str:
+    """The guard's Lua chunk for ``plugin_config`` (oauth2-introspection's, or
+    {}) on a scope where ``plugins`` apply."""
+    return render(run_on_preflight_of(plugin_config), logical_or_of(plugin_config), plugins)
 
 
-def post_function_entry(plugin_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def post_function_entry(plugin_config: Optional[Dict[str, Any]],
+                        plugins: Iterable[str] = (NAME,)) -> Dict[str, Any]:
     """A declarative-config plugin entry holding the guard for ``plugin_config``."""
-    return {"name": POST_FUNCTION, "config": {"access": [render_for(plugin_config)]}}
+    return {"name": POST_FUNCTION, "config": {"access": [render_for(plugin_config, plugins)]}}
 
 
 # --- Checking a declarative config ------------------------------------------
@@ -125,7 +200,7 @@ def problems(doc: Any) -> List[str]:
                              | ({NAME} if ours else set())
                              | ({CLIENT_CREDENTIALS} if others else set())))
         parents[id(scope)] = (config, names)
-        guard = render_for(config)
+        guard = render_for(config, names)
         functions = _plugins(scope, POST_FUNCTION)
         if not functions and not (ours or others):
             continue  # the guard of the less specific scope runs here
@@ -134,7 +209,13 @@ def problems(doc: Any) -> List[str]:
                          f"appl{'ies' if len(names) == 1 else 'y'} here without the "
                          "post-function guard "
                          f"(run_on_preflight={_lua_bool(run_on_preflight_of(config))}, "
-                         f"anonymous {'set' if logical_or_of(config) else 'unset'})")
+                         f"anonymous {'set' if logical_or_of(config) else 'unset'}"
+                         + ("; render it with: guard " + " ".join(
+                             ["--plugin " + n for n in names]
+                             + (["--no-preflight"] if not run_on_preflight_of(config) else [])
+                             + (["--anonymous"] if logical_or_of(config) else []))
+                            if len(names) > 1 else "")
+                         + ")")
     return found
 
 
@@ -156,19 +237,24 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="kong-oauth2-introspection guard",
         description="Print the post-function plugin entry that refuses (503) every request "
-                    "the oauth2-introspection plugin did not decide. Put it on the same "
-                    "scope as the plugin.")
+                    "our plugins did not decide. Put it on the same "
+                    "scope as the plugins.")
     parser.add_argument("--no-preflight", action="store_true",
                         help="for a plugin with run_on_preflight: false (OPTIONS pass unchecked)")
     parser.add_argument("--anonymous", action="store_true",
                         help="for a plugin with anonymous set (logical OR): another "
                              "authentication plugin's caller, or the anonymous consumer, passes")
+    parser.add_argument("--plugin", action="append", choices=OURS, dest="plugins",
+                        help="one of our plugins on the scope (repeat it for both: the guard "
+                             "then requires that each decided the request); default "
+                             "oauth2-introspection")
     parser.add_argument("--format", choices=("yaml", "json"), default="yaml",
                         help="yaml: an item for a declarative config's plugins list; "
                              "json: a body for the Admin API's POST .../plugins")
     args = parser.parse_args(list(argv))
     entry = post_function_entry({"run_on_preflight": not args.no_preflight,
-                                 "anonymous": "any" if args.anonymous else None})
+                                 "anonymous": "any" if args.anonymous else None},
+                                args.plugins or (NAME,))
     if args.format == "json":
         sys.stdout.write(json.dumps(entry, indent=2) + "\n")
     else:

@@ -29,7 +29,7 @@ from .claims import MISSING, resolve
 from .concurrency import DeadlineExceeded, blocking
 from .config import Config, ConfigError
 from .consumers import ConsumerFinder, ConsumerLookupError
-from .guard import MARK
+from .guard import DECIDED, MARK, decided
 from .httpclient import Unsendable
 from .introspection import CLOCK_SKEW, IntrospectionError, Introspector, \
     certificate_fingerprint, why_unusable
@@ -293,6 +293,11 @@ class _Access:
                                       MARK: NAME}   # what the Kong-side guard looks for
         if consumer:
             credential["consumer_id"] = consumer.get("id")
+        if self.asked and self.after_client_credentials():
+            # Kong Enterprise ran client-credentials first: name it too, for the
+            # guard of a scope holding both (no extra call: asked only when known).
+            earlier = [n for n in decided(self.prior) if n != NAME]
+            credential[DECIDED] = earlier
         if conf.username_claim:
             name = resolve(claims, conf.username_claim)
             if name is not MISSING and name is not None:

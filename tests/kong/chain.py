@@ -43,7 +43,8 @@ class Chain(object):
         """One client request (``KongStandIn.request``'s arguments) through every
         plugin; the guard of ``guard`` (default: the first pair's stand-in)."""
         first = guard or self.pairs[0][0]
-        state = first._client_request(self.pairs[0][1], method, path,
+        # the first plugin's stand-in knows its schema (phases); the guard's runs the rest
+        state = self.pairs[0][0]._client_request(self.pairs[0][1], method, path,
                                       headers=kwargs.get("headers"), query=kwargs.get("query"),
                                       body=kwargs.get("body"),
                                       client_ip=kwargs.get("client_ip", "127.0.0.1"),

@@ -21,7 +21,7 @@ from .. import NAME as INTROSPECTION
 from .. import refusals, responses
 from ..claims import MISSING, resolve
 from ..concurrency import Deadline, DeadlineExceeded, blocking, current_deadline, deadline_scope
-from ..guard import MARK
+from ..guard import MARK, also_decided
 from ..log import LOG
 from ..responses import Refusal
 from ..server.instances import PluginInstance, Unusable
@@ -251,8 +251,12 @@ def _access(rt: Runtime, kong: Any, refuse: _Refuse) -> None:
         upstream[name] = []
     kong.service.request.set_headers(upstream)
     if before.introspected:
-        # Its consumer and credential stay: the request is authenticated (the guard
-        # sees our mark), and consumer-scoped plugins see who the caller is.
+        # Its consumer and credential stay (consumer-scoped plugins see who the
+        # caller is), now naming us too: the guard of a scope holding both plugins
+        # wants both decisions. The consumer is asked for only when it mapped one.
+        consumer = _read(kong.client.get_consumer) \
+            if before.credential.get("consumer_id") is not None else None
+        kong.client.authenticate(consumer, also_decided(before.credential, NAME))
         return
 
     # MARK: what the Kong-side guard looks for
