@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Micro-benchmark of the token cache's first level: in-process LRU against the
-node cache (LMDB shared by a plugin server's processes, nodecache.py).
+node cache (LMDB shared by a plugin server's processes, cache/node.py).
 
 Usage:  .venv/bin/python bench/nodecache_bench.py [--n 20000]
 
@@ -30,8 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "kong-plugin"))
 
 from kong_oauth2_introspection import node, nodecache  # noqa: E402
-from kong_oauth2_introspection.cache import Entry, Policy, TokenCache  # noqa: E402
-from kong_oauth2_introspection.introspection import Answer  # noqa: E402
+from kong_oauth2_introspection.cache.tokens import Entry, Policy, TokenCache  # noqa: E402
+from kong_oauth2_introspection.introspection.exchange import Answer  # noqa: E402
 
 CLAIMS = {"active": True, "sub": "248289761001", "client_id": "s6BhdRkqt3",
           "username": "jdoe", "scope": "read write dolphin", "token_type": "Bearer",

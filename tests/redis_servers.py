@@ -590,13 +590,13 @@ class CacheNode:
 
 
 def _cache_node_main(spec_json: str) -> None:
-    from kong_oauth2_introspection import breaker as breakers
-    from kong_oauth2_introspection.cache import Policy, TokenCache
+    from kong_oauth2_introspection.idp import breaker as breakers
+    from kong_oauth2_introspection.cache.tokens import Policy, TokenCache
     from kong_oauth2_introspection.concurrency import Deadline, deadline_scope
-    from kong_oauth2_introspection.config import Config
-    from kong_oauth2_introspection.handler import idp_identity
-    from kong_oauth2_introspection.introspection import Introspector
-    from kong_oauth2_introspection.store import RedisStore
+    from kong_oauth2_introspection.introspection.config import Config
+    from kong_oauth2_introspection.introspection.handler import idp_identity
+    from kong_oauth2_introspection.introspection.exchange import Introspector
+    from kong_oauth2_introspection.cache.store import RedisStore
 
     class Log:
         def __getattr__(self, level):
@@ -660,9 +660,9 @@ def bench_redis_hit(n: int = 2000, redis_address: Optional[str] = None) -> Dict[
     redis-server unless ``redis_address`` ("host:port", no password) is given.
     """
     import tempfile
-    from kong_oauth2_introspection.cache import Policy, TokenCache
-    from kong_oauth2_introspection.introspection import Answer
-    from kong_oauth2_introspection.store import RedisStore
+    from kong_oauth2_introspection.cache.tokens import Policy, TokenCache
+    from kong_oauth2_introspection.introspection.exchange import Answer
+    from kong_oauth2_introspection.cache.store import RedisStore
 
     server = None
     if redis_address is None:

@@ -20,7 +20,7 @@ from conftest import plugin_command
 from idp_double import INACTIVE, IdPDouble, Reply, active
 from kong import KongStandIn
 from kong.chain import Chain
-from kong_oauth2_introspection.guard import render
+from kong_oauth2_introspection.ops.guard import render
 from test_client_credentials import API, CC_CLIENTS
 
 INTROSPECTION = "oauth2-introspection"

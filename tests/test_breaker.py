@@ -7,11 +7,11 @@ import time
 import pytest
 
 from idp_double import IdPDouble, Reply
-from kong_oauth2_introspection.breaker import (CLOSED, HALF_OPEN, OPEN, Breaker, Breakers,
+from kong_oauth2_introspection.idp.breaker import (CLOSED, HALF_OPEN, OPEN, Breaker, Breakers,
                                                for_endpoint)
-from kong_oauth2_introspection.cache import Policy, TokenCache
-from kong_oauth2_introspection.config import Config
-from kong_oauth2_introspection.introspection import IntrospectionError, Introspector
+from kong_oauth2_introspection.cache.tokens import Policy, TokenCache
+from kong_oauth2_introspection.introspection.config import Config
+from kong_oauth2_introspection.introspection.exchange import IntrospectionError, Introspector
 from test_plugin_kong import SECRET
 
 

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from kong_oauth2_introspection.cache import Policy, TokenCache
+from kong_oauth2_introspection.cache.tokens import Policy, TokenCache
 from kong_oauth2_introspection.concurrency import Deadline, DeadlineExceeded, deadline_scope
-from kong_oauth2_introspection.introspection import Answer, IntrospectionError
+from kong_oauth2_introspection.introspection.exchange import Answer, IntrospectionError
 
 
 class Clock:

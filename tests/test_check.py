@@ -15,8 +15,8 @@ import pytest
 
 import yaml
 
-from kong_oauth2_introspection import check
-from kong_oauth2_introspection.guard import post_function_entry
+from kong_oauth2_introspection.ops import check
+from kong_oauth2_introspection.ops.guard import post_function_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = str(Path(sys.executable).parent / "kong-oauth2-introspection")

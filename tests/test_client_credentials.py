@@ -24,7 +24,7 @@ from certs import make_ca_and_certs
 from idp_double import IdPDouble, Reply
 from kong_oauth2_introspection.client_credentials import NAME, PRIORITY, VERSION
 from kong_oauth2_introspection.client_credentials.handler import RUNTIMES, Plugin
-from kong_oauth2_introspection.jwks import REFRESH_INTERVAL
+from kong_oauth2_introspection.idp.jwks import REFRESH_INTERVAL
 from kong_oauth2_introspection.concurrency import Deadline, deadline_scope
 from redis_servers import (ACL_PASSWORD, ACL_USER, MASTER_SET, PASSWORD,  # noqa: F401
                            SENTINEL_PASSWORD, redis_cluster, redis_disposable,

@@ -14,7 +14,7 @@ from authserver_fixture import AuthServer, basic_authorization
 from conftest import plugin_command
 from idp_double import IdPDouble, Reply
 from kong import KongStandIn
-from kong_oauth2_introspection.guard import render
+from kong_oauth2_introspection.ops.guard import render
 from redis_servers import ACL_PASSWORD, ACL_USER, redis_disposable  # noqa: F401
 from test_client_credentials import API, CC_CLIENTS, STORE_SECRET, relay_to
 

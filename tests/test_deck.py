@@ -32,7 +32,7 @@ def rendered(values=VALUES):
 
 
 def ours(doc):
-    from kong_oauth2_introspection.check import plugin_entries
+    from kong_oauth2_introspection.ops.check import plugin_entries
     return [(where, entry) for where, entry in plugin_entries(doc) if entry["name"] in OURS]
 
 
@@ -57,7 +57,7 @@ def test_the_file_is_decK_format_with_its_secrets_from_the_environment():
 
 
 def test_plugin_entries_pass_the_plugins_schema_and_checks():
-    from kong_oauth2_introspection.check import entry_problems
+    from kong_oauth2_introspection.ops.check import entry_problems
     doc = rendered()
     for where, entry in ours(doc):
         assert not entry_problems(entry), (where, [str(v) for v in entry_problems(entry)])
@@ -70,14 +70,14 @@ def test_plugin_entries_pass_the_plugins_schema_and_checks():
 
 def test_a_bad_value_from_the_environment_is_caught():
     """The check above can fail: a variable exported empty."""
-    from kong_oauth2_introspection.check import entry_problems
+    from kong_oauth2_introspection.ops.check import entry_problems
     doc = rendered(dict(VALUES, DECK_INTROSPECTION_AUTHORIZATION=""))
     problems = [v for _, e in ours(doc) for v in entry_problems(e)]
     assert any(v.path == "config.authorization_value" for v in problems), problems
 
 
 def test_every_scope_of_the_plugin_carries_its_guard():
-    from kong_oauth2_introspection import guard
+    from kong_oauth2_introspection.ops import guard
     doc = rendered()
     assert guard.problems(doc) == []
     for service in doc["services"]:

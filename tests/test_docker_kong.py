@@ -279,7 +279,7 @@ def test_plugin_is_loaded_and_configured(stack):
         assert p["config"]["introspection_url"].startswith(REALM_ISSUER + "/")
 
     # The guard sits on the same two scopes, as guard.py renders it.
-    from kong_oauth2_introspection.guard import render
+    from kong_oauth2_introspection.ops.guard import render
     guards = [p for p in plugins if p["name"] == "post-function"]
     assert sorted((p["service"] or {}).get("id") is not None for p in guards) == [False, True]
     for p in guards:

@@ -16,7 +16,7 @@ import pytest
 from conftest import plugin_command
 from idp_double import IdPDouble, Reply, active
 from kong import KongStandIn
-from kong_oauth2_introspection.guard import post_function_entry, render
+from kong_oauth2_introspection.ops.guard import post_function_entry, render
 
 SECRET = "Basic ZmFpbDpjbG9zZWQtc2VjcmV0"
 TOKEN = "tok-fail-closed-0123456789"
@@ -366,7 +366,7 @@ def test_a_redis_password_rotation_keeps_the_cache(tmp_path):
 def test_instances_kong_lost_are_closed_once_idle_and_restarted_on_use(monkeypatch):
     # Kong can lose track of an instance (concurrent starts) and never close it; the
     # server closes what has been idle too long, and Kong restarts what it still uses.
-    from kong_oauth2_introspection.handler import Plugin
+    from kong_oauth2_introspection.introspection.handler import Plugin
     from kong_oauth2_introspection.server import listener
     server = listener.PluginServer([Plugin], workers=1)
     try:

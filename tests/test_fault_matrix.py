@@ -23,7 +23,7 @@ from certs import make_ca_and_certs
 from conftest import plugin_command
 from idp_double import IdPDouble, Reply, active
 from kong import KongStandIn
-from kong_oauth2_introspection.guard import render
+from kong_oauth2_introspection.ops.guard import render
 
 SECRET = "Basic bWF0cml4Om1hdHJpeC1zZWNyZXQ="
 DEADLINE = 3.0

@@ -1,4 +1,4 @@
-"""The Kong-side guard (kong_oauth2_introspection/guard.lua), run as Lua.
+"""The Kong-side guard (kong_oauth2_introspection/ops/guard.lua), run as Lua.
 
 Kong's post-function plugin loads each `access` string once per config, with
 an environment holding `kong` (and `ngx`), and calls the function it returns on
@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 import yaml
 
-from kong_oauth2_introspection import guard
+from kong_oauth2_introspection.ops import guard
 
 try:
     from lupa import luajit21 as lupa_runtime   # Kong runs LuaJIT (OpenResty)

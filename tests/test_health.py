@@ -15,7 +15,9 @@ from conftest import plugin_command
 from kong import KongStandIn
 from redis_servers import ACL_PASSWORD, ACL_USER, free_port, redis_standalone  # noqa: F401
 
-from kong_oauth2_introspection import VERSION, health, metrics
+from kong_oauth2_introspection import VERSION
+from kong_oauth2_introspection.ops import health
+from kong_oauth2_introspection.ops import metrics
 
 STORE_SECRET = "health-secret-0123456789abcdef01"
 WRONG_AUTH = "Basic a29uZzp3cm9uZy1oZWFsdGgtcHc="   # kong:wrong-health-pw

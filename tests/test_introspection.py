@@ -5,8 +5,8 @@ import base64
 import pytest
 
 from idp_double import INACTIVE, IdPDouble, Reply, active
-from kong_oauth2_introspection.config import Config
-from kong_oauth2_introspection.introspection import IntrospectionError, Introspector
+from kong_oauth2_introspection.introspection.config import Config
+from kong_oauth2_introspection.introspection.exchange import IntrospectionError, Introspector
 
 AUTH = "Basic " + base64.b64encode(b"kong:s3cret-value").decode()
 

@@ -12,7 +12,7 @@ import yaml
 from conftest import ROOT, plugin_command
 from idp_double import IdPDouble, kong_yml_tokens
 from kong import KongStandIn, SchemaViolation
-from kong_oauth2_introspection.guard import post_function_entry
+from kong_oauth2_introspection.ops.guard import post_function_entry
 
 NAME = "oauth2-introspection"
 

@@ -210,7 +210,7 @@ def test_the_validation_rules_refuse_what_they_should():
 @pytest.mark.parametrize("resource", [r for r in plugin_resources() if r[1]["plugin"] in OURS],
                          ids=resource_id)
 def test_plugin_configs_pass_the_plugins_schema_and_checks(resource):
-    from kong_oauth2_introspection.check import PLUGINS
+    from kong_oauth2_introspection.ops.check import PLUGINS
     name, doc = resource
     config = effective_config(doc)
     plugin_schema, deep = PLUGINS[doc["plugin"]]()
@@ -232,7 +232,7 @@ def test_every_secret_field_of_our_plugins_is_patched_in_from_a_secret():
 
 
 def test_the_guard_is_what_the_guard_command_prints():
-    from kong_oauth2_introspection import guard
+    from kong_oauth2_introspection.ops import guard
     (_, doc), = [r for r in of_kind("KongClusterPlugin") if r[1]["plugin"] == "post-function"]
     printed = subprocess.run(plugin_command() + ["guard"], capture_output=True, text=True,
                              timeout=60, check=True).stdout

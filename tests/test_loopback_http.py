@@ -16,7 +16,7 @@ import requests
 from conftest import plugin_command
 from idp_double import IdPDouble, active
 from kong import KongStandIn
-from kong_oauth2_introspection import loopback_http
+from kong_oauth2_introspection.ops import loopback_http
 from test_metrics import metrics_url
 
 FLOOD = 2000

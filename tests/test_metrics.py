@@ -22,7 +22,7 @@ from idp_double import IdPDouble, Reply, active
 from kong import KongStandIn
 from redis_servers import ACL_PASSWORD, ACL_USER, free_port, redis_standalone  # noqa: F401
 
-from kong_oauth2_introspection import metrics
+from kong_oauth2_introspection.ops import metrics
 from kong_oauth2_introspection.concurrency import Deadline
 
 ROOT = Path(__file__).resolve().parent.parent

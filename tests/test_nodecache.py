@@ -17,9 +17,10 @@ from test_plugin_kong import SECRET, config
 from test_purge import STORE_SECRET, dropped_everywhere, held_everywhere, run_purge, \
     standalone_store
 
-from kong_oauth2_introspection import node, nodecache
-from kong_oauth2_introspection.cache import Entry, Policy, TokenCache
-from kong_oauth2_introspection.introspection import Answer, IntrospectionError
+from kong_oauth2_introspection import node
+from kong_oauth2_introspection.cache import node as nodecache
+from kong_oauth2_introspection.cache.tokens import Entry, Policy, TokenCache
+from kong_oauth2_introspection.introspection.exchange import Answer, IntrospectionError
 
 N = 4
 
@@ -330,7 +331,7 @@ def test_a_waiter_out_of_time_leaves_the_key_usable(node_dir):
 def test_a_purge_by_claim_finds_entries_redis_never_got(node_dir):
     """A process whose Redis write failed holds the only copy, in the node cache:
     the purge message (by sub) heard by any process of the node removes it."""
-    from kong_oauth2_introspection.store import RedisStore
+    from kong_oauth2_introspection.cache.store import RedisStore
     store_conf = {"secret": STORE_SECRET, "redis": {"endpoints": ["127.0.0.1:1"],
                                                     "timeout_ms": 50}}
     writer = TokenCache(key_material=b"idp", store=RedisStore.from_config(store_conf, None))

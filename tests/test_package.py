@@ -74,8 +74,8 @@ def test_wheel_and_sdist_carry_the_schemas_the_guard_and_the_metadata(dist):
         for schema in sorted((ROOT / "schema").glob("*.json")):
             assert whl.read(f"kong_oauth2_introspection/schemadata/{schema.name}") \
                 == schema.read_bytes()
-        assert whl.read("kong_oauth2_introspection/guard.lua") \
-            == (ROOT / "kong-plugin/kong_oauth2_introspection/guard.lua").read_bytes()
+        assert whl.read("kong_oauth2_introspection/ops/guard.lua") \
+            == (ROOT / "kong-plugin/kong_oauth2_introspection/ops/guard.lua").read_bytes()
         info = f"kong_oauth2_introspection-{DECLARED}.dist-info/"
         meta = Parser().parsestr(whl.read(info + "METADATA").decode())
         entry_points = whl.read(info + "entry_points.txt").decode()
@@ -93,7 +93,7 @@ def test_wheel_and_sdist_carry_the_schemas_the_guard_and_the_metadata(dist):
         top = f"kong_oauth2_introspection-{DECLARED}/"
         members = {m.name[len(top):] for m in tar.getmembers()}
     assert {"pyproject.toml", "README.md", "CHANGELOG.md", "schema/oauth2-introspection.json",
-            "kong-plugin/kong_oauth2_introspection/guard.lua"} <= members
+            "kong-plugin/kong_oauth2_introspection/ops/guard.lua"} <= members
     assert not any(m.startswith("tests/") for m in members)
 
 

@@ -21,7 +21,7 @@ from conftest import plugin_command
 from idp_double import IdPDouble, Reply, active
 from kong import KongStandIn
 from kong.rpc import Rpc
-from kong_oauth2_introspection.guard import render
+from kong_oauth2_introspection.ops.guard import render
 
 SECRET = "Basic cHJvY2Vzc2VzOnByb2Nlc3Nlcy1zZWNyZXQ="
 TOKEN = "tok-processes-0123456789"

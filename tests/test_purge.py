@@ -162,7 +162,7 @@ def test_purge_with_a_declarative_config(two, redis_disposable, tmp_path):
 def test_usage_errors_and_no_store():
     assert run_purge({"introspection_url": "http://x/i", "authorization_value": "v"},
                      "--all").returncode == 1
-    out = subprocess.run([sys.executable, "-m", "kong_oauth2_introspection.purge", "--all"],
+    out = subprocess.run([sys.executable, "-m", "kong_oauth2_introspection.ops.purge", "--all"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert run_purge({"introspection_url": "http://x/i", "authorization_value": "v"},
@@ -311,9 +311,9 @@ def test_index_sets_shrink_as_their_entries_expire(redis_disposable):
             entries = [k for k in raw.keys("ix:*") if b"oauth2-introspection" not in k]
             assert len(entries) == 10
             # in this process: the command's own start would outlast the 1 s entries
-            from kong_oauth2_introspection.log import Log
-            from kong_oauth2_introspection.purge import purge
-            from kong_oauth2_introspection.store import RedisStore
+            from kong_oauth2_introspection.ops.log import Log
+            from kong_oauth2_introspection.ops.purge import purge
+            from kong_oauth2_introspection.cache.store import RedisStore
             store = RedisStore.from_config(conf["store"], Log())
             try:
                 message, removed = purge(store, None, client_id="app9")
@@ -334,8 +334,8 @@ def test_index_sets_shrink_as_their_entries_expire(redis_disposable):
 
 
 def test_an_index_left_by_an_older_version_is_converted(redis_disposable):
-    from kong_oauth2_introspection.store import INDEX, RedisStore
-    from kong_oauth2_introspection.log import Log
+    from kong_oauth2_introspection.cache.store import INDEX, RedisStore
+    from kong_oauth2_introspection.ops.log import Log
     store = RedisStore.from_config(standalone_store(redis_disposable, prefix="ox:"), Log())
     raw = redis_disposable.client()
     try:
@@ -485,11 +485,11 @@ def test_tombstones_are_bounded_and_folding_keeps_a_purge_final(redis_disposable
     """1,000 purges by token leave 1,000 sealed tombstones (no token, no key in
     clear beyond the HMAC cache key); past the bound, or once expired, the oldest
     fold into one watermark that still refuses every value fetched before them."""
-    from kong_oauth2_introspection import tombstones
-    from kong_oauth2_introspection.cache import TokenCache
-    from kong_oauth2_introspection.log import Log
-    from kong_oauth2_introspection.purge import purge
-    from kong_oauth2_introspection.store import TOMBSTONES, RedisStore
+    from kong_oauth2_introspection.cache import tombstones
+    from kong_oauth2_introspection.cache.tokens import TokenCache
+    from kong_oauth2_introspection.ops.log import Log
+    from kong_oauth2_introspection.ops.purge import purge
+    from kong_oauth2_introspection.cache.store import TOMBSTONES, RedisStore
     conf = standalone_store(redis_disposable, prefix="tb:")
     raw = redis_disposable.client()
     name = "tb:" + TOMBSTONES
@@ -575,9 +575,9 @@ def test_replay_after_a_purge_through_two_plugin_servers(two_servers, redis_disp
 def test_a_lagging_node_republishing_a_pre_purge_answer_is_refused(two, redis_disposable):
     """Node A's IdP call was sent before the purge and answers after it: A uses the
     answer for that request only; node B never serves it, from Redis or A's message."""
-    from kong_oauth2_introspection.log import Log
-    from kong_oauth2_introspection.purge import purge
-    from kong_oauth2_introspection.store import RedisStore
+    from kong_oauth2_introspection.ops.log import Log
+    from kong_oauth2_introspection.ops.purge import purge
+    from kong_oauth2_introspection.cache.store import RedisStore
     revoked: set = set()
     slow = {"tok-lag-appl-1": 1.5}
 

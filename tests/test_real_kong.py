@@ -80,7 +80,7 @@ def test_consumer_scope_is_refused_by_the_schema_like_key_auth(kong, idp):
 
 
 def test_equal_plugin_fields_share_one_runtime_whatever_kong_adds(idp):
-    from kong_oauth2_introspection.handler import RUNTIMES, Plugin
+    from kong_oauth2_introspection.introspection.handler import RUNTIMES, Plugin
     base = config(idp, ttl=12)
     a = Plugin(dict(base, route_id="r-1", __seq__=1, __plugin_id="p-1", __key__="k1"))
     b = Plugin(dict(base, service_id="s-9", plugin_instance_name="x", __seq__=7,

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from kong_oauth2_introspection import schema
-from kong_oauth2_introspection.config import Config, ConfigError
+from kong_oauth2_introspection.introspection.config import Config, ConfigError
 
 BASE = {"introspection_url": "https://idp.example/introspect", "authorization_value": "Basic abc"}
 
@@ -500,8 +500,8 @@ def _full(plugin, config):
 
 
 def _check_lines(tmp_path, plugin, config):
-    from kong_oauth2_introspection import check
-    from kong_oauth2_introspection.guard import post_function_entry
+    from kong_oauth2_introspection.ops import check
+    from kong_oauth2_introspection.ops.guard import post_function_entry
     path = tmp_path / "kong.yml"
     plugins = [{"name": plugin, "config": _full(plugin, config)}, post_function_entry({})]
     path.write_text(json.dumps({"_format_version": "3.0", "plugins": plugins}))

@@ -227,7 +227,7 @@ def test_round_trips(kong, idp):
     ({"scopes_required": ['re"ad']}, "scopes_required"),
 ])
 def test_unusable_settings_are_refused_by_the_config(bad, field):
-    from kong_oauth2_introspection.config import Config, ConfigError
+    from kong_oauth2_introspection.introspection.config import Config, ConfigError
     with pytest.raises(ConfigError) as err:
         Config.parse(dict({"introspection_url": "http://idp/i", "authorization_value": "x"},
                           **bad))

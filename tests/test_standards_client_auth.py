@@ -137,7 +137,7 @@ def test_tls_client_auth(kong, tmp_path):
      "client_tls.cert"),
 ])
 def test_unusable_client_authentication_is_refused_by_check(bad, field):
-    from kong_oauth2_introspection.config import Config, ConfigError
+    from kong_oauth2_introspection.introspection.config import Config, ConfigError
     with pytest.raises(ConfigError) as err:
         Config.parse(dict({"introspection_url": "http://idp/i"}, **bad))
     assert err.value.field == "config." + field
@@ -147,7 +147,7 @@ def test_unusable_client_authentication_is_refused_by_check(bad, field):
 def test_vault_references_pass_the_offline_check(tmp_path):
     import json
 
-    from kong_oauth2_introspection.guard import render_for
+    from kong_oauth2_introspection.ops.guard import render_for
     import subprocess
     import sys
     path = tmp_path / "kong.yml"

@@ -180,7 +180,7 @@ def test_a_proof_is_accepted_once_across_the_cluster(idp, redis_standalone):
 
 
 def test_thumbprint_matches_rfc_7638_example():
-    from kong_oauth2_introspection.dpop import thumbprint
+    from kong_oauth2_introspection.introspection.dpop import thumbprint
     key = {"kty": "RSA", "e": "AQAB", "alg": "RS256", "kid": "2011-04-29",
            "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFx"
                 "uhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_R"
@@ -222,7 +222,7 @@ CAPACITY = 40   # the store's capacity, scaled down through its setting
 @pytest.fixture
 def small_store():
     """A plugin server whose in-process replay store holds CAPACITY proofs."""
-    from kong_oauth2_introspection.dpop import CAPACITY_ENV
+    from kong_oauth2_introspection.introspection.dpop import CAPACITY_ENV
     from test_metrics import metrics_url
     with KongStandIn(plugin_command() + ["serve", "--metrics-port", "0"],
                      env={CAPACITY_ENV: str(CAPACITY)}) as standin:
@@ -282,7 +282,7 @@ def test_a_proof_is_once_per_process_whatever_the_config(kong, idp):
 
 
 def test_the_replay_memory_keeps_keys_until_they_expire_and_refuses_when_full():
-    from kong_oauth2_introspection.dpop import Remembered
+    from kong_oauth2_introspection.introspection.dpop import Remembered
     memory = Remembered(3)
     assert [memory.add(k, 10, now=1000.0) for k in (b"a", b"b", b"a")] == [True, True, False]
     assert memory.add(b"c", 100, now=1005.0) is True

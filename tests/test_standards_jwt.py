@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from authserver_fixture import AuthServer, client
 from idp_double import IdPDouble, Reply, active
-from kong_oauth2_introspection.jwks import REFRESH_INTERVAL
+from kong_oauth2_introspection.idp.jwks import REFRESH_INTERVAL
 from test_plugin_kong import bearer
 
 RS = "rs-jwt"
@@ -183,7 +183,7 @@ def test_discovered_jwks(kong, idp):
      "introspection_accept"),
 ])
 def test_incomplete_signed_answer_settings_are_refused(bad, field):
-    from kong_oauth2_introspection.config import Config, ConfigError
+    from kong_oauth2_introspection.introspection.config import Config, ConfigError
     raw = {"introspection_url": "http://idp/i", "authorization_value": "x",
            "introspection_accept": "application/token-introspection+jwt",
            "issuer": "http://idp", "client_id": "rs"}

@@ -118,7 +118,7 @@ def test_refused_client_is_a_server_error(kong, idp, forwarder):
 
 
 def test_pre_authorization_needs_a_client_authentication_method():
-    from kong_oauth2_introspection.config import Config, ConfigError
+    from kong_oauth2_introspection.introspection.config import Config, ConfigError
     with pytest.raises(ConfigError) as err:
         Config.parse({"introspection_url": "http://idp/i", "authorization_value": "Basic x",
                       "pre_authorization": {"token_url": "http://idp/token"}})

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from certs import make_ca_and_certs
-from kong_oauth2_introspection.store import NONCE_SIZE, RedisStore, Sealer
+from kong_oauth2_introspection.cache.store import NONCE_SIZE, RedisStore, Sealer
 from redis_servers import (ACL_PASSWORD, ACL_USER, MASTER_SET, PASSWORD,  # noqa: F401
                            SENTINEL_PASSWORD, free_port, redis_cluster, redis_cluster_tls,
                            redis_disposable, redis_sentinel, redis_standalone, redis_tls,
@@ -256,7 +256,7 @@ def test_release_deletes_only_our_own_lease(redis_standalone):
 
 _RACER = r"""
 import json, sys, threading
-from kong_oauth2_introspection.store import RedisStore
+from kong_oauth2_introspection.cache.store import RedisStore
 class Log:
     def warn(self, m): print("LOG", m, file=sys.stderr)
     err = info = warn

@@ -3,9 +3,9 @@
 import pytest
 
 from fake_pdk import fake_kong
-from kong_oauth2_introspection.config import TokenSource
-from kong_oauth2_introspection.request import IncomingRequest
-from kong_oauth2_introspection.tokens import (MAX_TOKEN_LENGTH, MalformedToken, TokenFinder,
+from kong_oauth2_introspection.introspection.config import TokenSource
+from kong_oauth2_introspection.kong.request import IncomingRequest
+from kong_oauth2_introspection.introspection.tokens import (MAX_TOKEN_LENGTH, MalformedToken, TokenFinder,
                                               without_cookie)
 
 ENTERPRISE = TokenFinder(TokenSource())

@@ -19,8 +19,9 @@ from conftest import plugin_command
 from kong import KongStandIn
 from redis_servers import ACL_PASSWORD, ACL_USER, redis_standalone  # noqa: F401
 
-from kong_oauth2_introspection import metrics, tracing
-from kong_oauth2_introspection.httpclient import HTTPFailure
+from kong_oauth2_introspection.ops import metrics
+from kong_oauth2_introspection.ops import tracing
+from kong_oauth2_introspection.idp.httpclient import HTTPFailure
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"

@@ -218,7 +218,7 @@ plugins:
                for line in unguarded.stdout.splitlines()), unguarded.stdout
     # the guard on both scopes, as `guard` renders it: all valid
     import json as _json
-    from kong_oauth2_introspection.guard import post_function_entry
+    from kong_oauth2_introspection.ops.guard import post_function_entry
     entry = _json.dumps(post_function_entry({}))
     guarded = good.replace("  plugins:\n  - name: oauth2-introspection",
                            "  plugins:\n  - " + entry + "\n  - name: oauth2-introspection", 1)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from kong_oauth2_introspection.config import Config
-from kong_oauth2_introspection.upstream import (IdentityHeaders, consumer_headers,
+from kong_oauth2_introspection.introspection.config import Config
+from kong_oauth2_introspection.introspection.upstream import (IdentityHeaders, consumer_headers,
                                                 credential_headers, header_value)
 
 CONF = Config.parse({"introspection_url": "http://idp/x", "authorization_value": "Basic a",

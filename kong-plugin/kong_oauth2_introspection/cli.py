@@ -39,10 +39,10 @@ PROG = "kong-oauth2-introspection"
 
 # subcommand -> (module, help); each module has ``main(argv) -> int``.
 _DELEGATED: Dict[str, tuple] = {
-    "check": ("check", "check the plugin entries of a declarative config (kong.yml) offline"),
-    "guard": ("guard", "print the post-function guard that makes Kong fail closed"),
-    "purge": ("purge", "drop cached introspection answers on every node sharing Redis"),
-    "health": ("health", "ask a running server whether each config's IdP and Redis answer"),
+    "check": ("ops.check", "check the plugin entries of a declarative config (kong.yml) offline"),
+    "guard": ("ops.guard", "print the post-function guard that makes Kong fail closed"),
+    "purge": ("ops.purge", "drop cached introspection answers on every node sharing Redis"),
+    "health": ("ops.health", "ask a running server whether each config's IdP and Redis answer"),
 }
 
 
@@ -140,9 +140,9 @@ def serve(argv: List[str]) -> int:
         return 2
     if processes > 1 and args.metrics_port is not None and os.path.isdir(args.prefix):
         _multiprocess_metrics(args.prefix, args.plugin)
-    from .log import LOG
-    from .server.listener import (DEFAULT_DEADLINE, DEFAULT_WORKERS, MAX_DEADLINE,
-                                  PluginServer, StartError)
+    from .ops.log import LOG
+    from .server.listener import (DEFAULT_DEADLINE, DEFAULT_WORKERS, MAX_DEADLINE, PluginServer,
+                                  StartError)
     from .server.listener import serve as run
     if args.multiprocessing:
         _fail("-m is not supported: a process pool runs only as many events as there are "
@@ -163,7 +163,7 @@ def serve(argv: List[str]) -> int:
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         _fail("--metrics-port must be between 0 and 65535")
         return 2
-    from . import metrics, tracing
+    from .ops import metrics, tracing
     if not metrics.loopback(args.metrics_address):
         _fail(f"--metrics-address {args.metrics_address!r} is not a loopback address: "
               "metrics and health are served on this host only")
@@ -234,7 +234,7 @@ def _observe(args: argparse.Namespace, server, log, serve_metrics: bool = True) 
     the server runs without it: refusing requests over telemetry would be worse.
     With several processes every one counts and only the first (slot 0) serves the
     port, with the sums of all of them."""
-    from . import metrics, tracing
+    from .ops import metrics, tracing
     if args.metrics_port is not None and not serve_metrics:
         metrics.enable(server)
     if args.metrics_port is not None and serve_metrics:

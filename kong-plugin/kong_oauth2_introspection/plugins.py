@@ -21,7 +21,7 @@ NAMES: Tuple[str, ...] = (INTROSPECTION, CLIENT_CREDENTIALS)
 def load(name: str) -> type:
     """The plugin class of ``name`` (one of NAMES; else KeyError)."""
     if name == INTROSPECTION:
-        from .handler import Plugin
+        from .introspection.handler import Plugin
         return Plugin
     if name == CLIENT_CREDENTIALS:
         from .client_credentials.handler import Plugin as ClientCredentials

@@ -17,7 +17,7 @@ from typing import Any, Dict, NamedTuple, Optional
 from urllib.parse import quote, urlsplit
 
 from ..concurrency import Deadline
-from ..httpclient import HTTPClient, HTTPFailure, Reply
+from ..idp.httpclient import HTTPClient, HTTPFailure, Reply
 from .config import Config
 
 _BACKOFF_BASE = 0.05

@@ -6,8 +6,9 @@ from typing import Any, Dict, FrozenSet, Optional, Tuple
 from urllib.parse import urlsplit
 
 from .. import claims as claims_language
-from .. import schema, spellings
-from ..httpclient import TLS
+from .. import schema
+from ..kong import spellings
+from ..idp.httpclient import TLS
 
 SCHEMA = schema.load("oauth2-client-credentials")
 

@@ -18,17 +18,17 @@ from typing import Any, Dict, List, NamedTuple, Optional, Union
 from kong_pdk.exception import PDKException
 
 from .. import NAME as INTROSPECTION
-from .. import refusals, responses
+from ..kong import refusals, responses
 from ..claims import MISSING, resolve
 from ..concurrency import Deadline, DeadlineExceeded, blocking, current_deadline, deadline_scope
-from ..guard import MARK, also_decided
-from ..log import LOG
-from ..responses import Refusal
+from ..ops.guard import MARK, also_decided
+from ..ops.log import LOG
+from ..kong.responses import Refusal
 from ..server.instances import PluginInstance, Unusable
 from ..server.registry import Registry
-from ..store import RedisStore
-from ..spellings import normalized
-from ..upstream import SHARED, header_value, identity_like, uuid_shaped
+from ..cache.store import RedisStore
+from ..kong.spellings import normalized
+from ..introspection.upstream import SHARED, header_value, identity_like, uuid_shaped
 from . import NAME, PRIORITY, VERSION
 from .authserver import AuthServer, ClientRejected, Credentials, ServerError
 from .config import SCHEMA, Config, ConfigError

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import jwt
 
 from ..concurrency import Deadline
-from ..jwks import ALGORITHMS, Keys
+from ..idp.jwks import ALGORITHMS, Keys
 from .authserver import AuthServer, ServerError
 from .config import Config
 

@@ -13,8 +13,8 @@ import hashlib
 import json
 from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
-from ..log import LOG
-from ..refusals import scope_of
+from ..ops.log import LOG
+from ..kong.refusals import scope_of
 from ..schema import PluginSchema
 from .registry import Registry
 

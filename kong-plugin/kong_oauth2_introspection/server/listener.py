@@ -38,10 +38,10 @@ import greenlet
 import msgpack
 from kong_pdk.exception import PDKException
 
-from .. import metrics
+from ..ops import metrics
 from ..concurrency import Deadline, DeadlineExceeded, deadline_scope
-from ..config import REQUEST_DEADLINE
-from ..log import LOG, Log
+from ..introspection.config import REQUEST_DEADLINE
+from ..ops.log import LOG, Log
 from .peers import Peers
 from .table import InstanceTable, Record
 
@@ -603,7 +603,7 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 def raise_nofile(log: Log) -> int:
     """Raise the soft open-files limit to the hard one: every Kong worker's connection
-    is a descriptor, and the metrics port keeps to a fixed few (loopback_http.py), so
+    is a descriptor, and the metrics port keeps to a fixed few (ops/loopback_http.py), so
     the rest is the plugin socket's. Returns the soft limit now in force."""
     try:
         import resource

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import msgpack
 
-from ..log import Log
+from ..ops.log import Log
 
 Refuse = Callable[[Any, Any, Any], None]   # (connection, Kong's msgid, event id)
 

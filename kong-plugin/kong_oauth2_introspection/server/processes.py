@@ -26,11 +26,11 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from .. import node
-from ..log import Log
+from ..ops.log import Log
 from . import table
 from .sizing import MAX_PROCESSES
-from .listener import (EVENT_SLOTS, MAX_SOCKET_PATH, PluginServer, StartError,
-                       _take_socket_path, listen_error, raise_nofile, serve_child)
+from .listener import (EVENT_SLOTS, MAX_SOCKET_PATH, PluginServer, StartError, _take_socket_path,
+                       listen_error, raise_nofile, serve_child)
 
 RESPAWN_INTERVAL = 1.0   # per slot
 STOP_GRACE = 5.0         # SIGTERM, then SIGKILL

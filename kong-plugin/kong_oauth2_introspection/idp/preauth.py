@@ -16,7 +16,7 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 from .client_auth import ClientAuth
-from .concurrency import current_deadline
+from ..concurrency import current_deadline
 from .httpclient import HTTPClient, HTTPFailure
 
 MARGIN = 30.0            # seconds before expiry a token is no longer used

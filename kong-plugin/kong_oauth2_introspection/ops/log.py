@@ -8,7 +8,7 @@ that hold no token or secret.
 import sys
 import threading
 
-from . import NAME
+from .. import NAME
 
 LEVELS = {"debug": 10, "info": 20, "warn": 30, "err": 40}
 

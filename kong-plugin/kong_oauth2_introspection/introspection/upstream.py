@@ -9,9 +9,9 @@ import json
 import re
 from typing import Any, Dict, Iterable, List, Union
 
-from .claims import MISSING, resolve
+from ..claims import MISSING, resolve
 from .config import Config
-from .spellings import normalized, others
+from ..kong.spellings import normalized, others
 
 # (header, claim) pairs the Enterprise plugin sends, in its order.
 CREDENTIAL_HEADERS = (

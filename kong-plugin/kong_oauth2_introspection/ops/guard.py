@@ -32,7 +32,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import yaml
 
-from . import NAME
+from .. import NAME
 
 POST_FUNCTION = "post-function"
 CLIENT_CREDENTIALS = "oauth2-client-credentials"

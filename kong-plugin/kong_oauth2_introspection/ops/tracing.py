@@ -22,7 +22,7 @@ import contextlib
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar
 
-from . import VERSION
+from .. import VERSION
 
 T = TypeVar("T")
 ENABLED = False

@@ -21,7 +21,7 @@ this process or another sharing the Redis) waits for it on one protocol:
   did); a lease that expires unannounced (the leader died) is taken over.
 
 When ``serve`` runs several processes, the in-process level is instead the
-node level of ``nodecache.py``, shared by them, and without Redis its node
+node level of ``node.py``, shared by them, and without Redis its node
 locks give the same single flight across the processes.
 
 Every wait spends from the request's deadline (``concurrency.current_deadline``;
@@ -31,7 +31,7 @@ deadline) runs out it asks the IdP itself.
 
 Announcements also carry stored answers to every process, which keep them in
 their in-process level: an answer fetched on one node is a local hit on every
-other. Purges (``purge.py``) travel on the same channel. While the channel is
+other. Purges (``ops/purge.py``) travel on the same channel. While the channel is
 down a process cannot hear purges, so it empties its in-process level whenever
 the subscription is lost or made again.
 
@@ -59,11 +59,12 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from cachetools import TLRUCache
 
-from . import metrics, nodecache
-from .concurrency import Deadline, current_deadline, deadline_scope
-from .httpclient import Unsendable
-from .introspection import Answer, IntrospectionError
-from .upstream import uuid_shaped
+from ..ops import metrics
+from . import node as nodecache
+from ..concurrency import Deadline, current_deadline, deadline_scope
+from ..idp.httpclient import Unsendable
+from ..introspection.exchange import Answer, IntrospectionError
+from ..introspection.upstream import uuid_shaped
 
 STORED, INACTIVE, NOSTORE, FAILED = "stored", "inactive", "nostore", "failed"
 _LEASE_MARGIN = 0.5   # a lease outlives its holder's own bound by this much
@@ -159,7 +160,7 @@ class TokenCache:
         # HMAC key: a key reveals nothing about the token to whoever reads the store.
         self._hmac_key = hashlib.sha256(b"oauth2-introspection/cache\0" + key_material).digest()
         # With several processes on one node, the first level is theirs together
-        # (nodecache.py); alone, an in-process LRU.
+        # (node.py); alone, an in-process LRU.
         self._node = nodecache.level_for(self._hmac_key, encode=Entry.encode, decode=Entry.decode,
                                          evict_at=lambda e: e.evict_at, clock=clock,
                                          front_size=maxsize)

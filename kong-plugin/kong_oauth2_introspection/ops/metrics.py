@@ -37,9 +37,10 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from . import VERSION, loopback_http, tracing
-from .concurrency import DeadlineExceeded
-from .httpclient import HTTPFailure
+from .. import VERSION
+from . import loopback_http, tracing
+from ..concurrency import DeadlineExceeded
+from ..idp.httpclient import HTTPFailure
 
 T = TypeVar("T")
 PREFIX = "kong_oauth2_introspection_"
@@ -104,7 +105,7 @@ class _BreakerCollector:
     """Circuit breaker state per endpoint, read at scrape time (no hook needed)."""
 
     def collect(self):
-        from .breaker import process_breakers
+        from ..idp.breaker import process_breakers
         family = GaugeMetricFamily(PREFIX + "circuit_breaker_state",
                                    "1 for the state each endpoint's circuit breaker is in",
                                    labels=["endpoint", "state"])
@@ -153,7 +154,7 @@ def decision(outcome: str, reason: str) -> None:
 
 
 def refusal_reason(refusal: Any) -> str:
-    """The reason label of one of responses.py's refusals."""
+    """The reason label of one of kong/responses.py's refusals."""
     status = getattr(refusal, "status", 500)
     error = getattr(refusal, "body", {}).get("error")
     if status == 400:

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import jwt
 
-from .jwks import ALGORITHMS, Keys
+from ..idp.jwks import ALGORITHMS, Keys
 
 MEDIA_TYPE = "application/token-introspection+jwt"
 TYP = "token-introspection+jwt"

@@ -29,10 +29,10 @@ from urllib.parse import urlsplit
 import jwt
 from jwt.utils import base64url_encode
 
-from . import metrics
-from .jwks import ALGORITHMS   # what a proof may be signed with (our challenges say so too)
-from .log import LOG
-from .request import IncomingRequest
+from ..ops import metrics
+from ..idp.jwks import ALGORITHMS
+from ..ops.log import LOG
+from ..kong.request import IncomingRequest
 from .tokens import Found, from_header
 
 FUTURE_SKEW = 60   # seconds a proof's iat may be ahead of our clock

@@ -18,7 +18,7 @@ import re
 from typing import Any, List, NamedTuple, Optional, Tuple
 
 from .config import TokenSource
-from .request import IncomingRequest
+from ..kong.request import IncomingRequest
 
 MAX_TOKEN_LENGTH = 8192
 ACCESS_TOKEN = "access_token"

@@ -32,7 +32,7 @@ and the shell history.
   nothing else, even with an empty prefix).
 
 The message, published on channel ``<key_prefix>oauth2-introspection`` (the
-channel of ``cache.py``'s announcements), is JSON::
+channel of ``cache/tokens.py``'s announcements), is JSON::
 
     {"v": 1, "op": "purge", "by": "key" | "sub" | "client_id" | "all",
      "ids": [...], "keys": [...], "tombs": [...]}
@@ -43,7 +43,7 @@ kind || "\\0" || value)``, hex); ``keys`` the cache keys found in the index.
 A process drops the listed keys and, for a tag, any entry whose claim has that
 tag; ``all`` empties its in-process cache.
 
-Before deleting anything the command leaves tombstones (``tombstones.py``):
+Before deleting anything the command leaves tombstones (``cache/tombstones.py``):
 sealed records that make every process refuse, from then on, a value of the
 purged key or claim fetched before the purge, whoever sets or announces it
 again. ``"tombs"`` in the message carries them (base64), so a process need not
@@ -63,7 +63,7 @@ import json
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import NAME
+from .. import NAME
 
 USAGE_EXIT, FAILED_EXIT = 2, 1
 # ttl 0 keeps answers until exp, unknown here: a day, then the watermark covers them.
@@ -72,7 +72,7 @@ TTL0_TOMBSTONE_LIFETIME = 86400.0
 
 def tombstone_lifetime(conf) -> float:
     """How long an answer cached under ``conf`` may be used, at most (seconds)."""
-    from .tombstones import SKEW
+    from ..cache.tombstones import SKEW
     ttl = conf.ttl if conf.ttl > 0 else TTL0_TOMBSTONE_LIFETIME
     return max(ttl + max(conf.stale_if_error, 0), conf.negative_ttl) + SKEW
 
@@ -134,9 +134,9 @@ def _vault_reference(value: Any) -> bool:
 
 def _targets(raw_configs) -> List[Tuple[str, Any, float]]:
     """(IdP identity, store, tombstone lifetime) per distinct store and IdP identity."""
-    from .config import Config
-    from .handler import idp_identity
-    from .store import RedisStore
+    from ..introspection.config import Config
+    from ..introspection.handler import idp_identity
+    from ..cache.store import RedisStore
 
     seen: Dict[Tuple[str, str], Tuple[str, Any, float]] = {}
     for raw in raw_configs:
@@ -164,7 +164,7 @@ def purge(store, identity: Optional[str], *, token: Optional[str] = None,
 
     The tombstones are written first: a value set again between the delete and
     the announcement is refused already."""
-    from .cache import TokenCache
+    from ..cache.tokens import TokenCache
 
     message: Dict[str, Any] = {"v": 1, "op": "purge"}
     if token is not None:

@@ -2,7 +2,7 @@
 
 from typing import Dict, NamedTuple, Optional
 
-from .jwks import FAMILIES
+from ..idp.jwks import FAMILIES
 
 REALM = 'Bearer realm="service"'
 

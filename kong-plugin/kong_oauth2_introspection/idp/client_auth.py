@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import jwt
 
-from .schema import is_reference
+from ..schema import is_reference
 
 METHODS = ("client_secret_basic", "client_secret_post", "client_secret_jwt",
            "private_key_jwt", "tls_client_auth")

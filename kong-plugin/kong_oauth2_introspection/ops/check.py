@@ -42,9 +42,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 
 import yaml
 
-from . import NAME
+from .. import NAME
 from . import guard
-from .schema import PluginSchema, Violation, is_reference, load
+from ..schema import PluginSchema, Violation, is_reference, load
 
 # The plugin's checks beyond the schema, on the config as the schema normalized it
 # (every field present). They run even when the schema found problems, so that
@@ -92,7 +92,7 @@ def _every(first: Callable[[Dict[str, Any]], Optional[Violation]],
 
 
 def _introspection() -> Tuple[PluginSchema, DeepCheck]:
-    from .config import REQUEST_DEADLINE, Config, ConfigError
+    from ..introspection.config import REQUEST_DEADLINE, Config, ConfigError
 
     def first(conf: Dict[str, Any]) -> Optional[Violation]:
         try:
@@ -110,7 +110,7 @@ def _introspection() -> Tuple[PluginSchema, DeepCheck]:
 
 
 def _client_credentials() -> Tuple[PluginSchema, DeepCheck]:
-    from .client_credentials.config import SCHEMA, Config, ConfigError
+    from ..client_credentials.config import SCHEMA, Config, ConfigError
 
     def first(conf: Dict[str, Any]) -> Optional[Violation]:
         try:

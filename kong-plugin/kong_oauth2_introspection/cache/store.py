@@ -1,6 +1,6 @@
 """The token store shared by every Kong node: Redis, via redis-py.
 
-``RedisStore`` is the second level of the plugin's cache (see ``cache.py``).
+``RedisStore`` is the second level of the plugin's cache (see ``tokens.py``).
 It speaks to a standalone Redis, to the master of a Sentinel-managed set
 (following failovers through redis-py's ``Sentinel.master_for``) or to a
 Redis Cluster, optionally over TLS, and optionally encrypts every value with
@@ -20,12 +20,12 @@ the others wait for). ``release`` deletes the lease only while it still holds
 our random token (a one-key Lua script, so it works on a Cluster too).
 
 ``try_lease`` also says how long the current holder may keep the lease, so a
-follower waits exactly that long at most (see ``cache.py`` for the protocol).
+follower waits exactly that long at most (see ``tokens.py`` for the protocol).
 
 Every process subscribes to one channel per key prefix,
 ``<key_prefix>oauth2-introspection`` (``add_listener``): a leader announces there
-how a fetch ended, and ``purge.py`` announces purges. Messages are JSON objects
-(version ``v`` 1); the formats are in ``cache.py`` and ``purge.py``. While the
+how a fetch ended, and ``ops/purge.py`` announces purges. Messages are JSON objects
+(version ``v`` 1); the formats are in ``tokens.py`` and ``ops/purge.py``. While the
 subscription is down listeners get ``None``: messages may have been missed.
 
 Each entry written with ``index`` is also listed in Redis sorted sets named
@@ -70,9 +70,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import metrics
+from ..ops import metrics
 from . import tombstones as tombs
-from .concurrency import DeadlineExceeded, current_deadline
+from ..concurrency import DeadlineExceeded, current_deadline
 
 NONCE_SIZE = 12
 LOG_INTERVAL = 10.0
@@ -677,7 +677,7 @@ class RedisStore:
             client.zrem(name, *doomed)
         client.pexpire(name, _MAX_TTL_MS)
 
-    # -- purges (purge.py) --------------------------------------------------------
+    # -- purges (ops/purge.py) --------------------------------------------------------
 
     def purge_keys(self, keys: List[str]) -> int:
         """Delete these entries in Redis; raises on a Redis failure (the command reports it)."""

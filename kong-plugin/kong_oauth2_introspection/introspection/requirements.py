@@ -15,7 +15,7 @@ not enough: 403 ``insufficient_scope`` (RFC 6750 section 3.1).
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Iterable, Optional, Tuple
 
-from .claims import resolve
+from ..claims import resolve
 
 AnyOf = Tuple[FrozenSet[str], ...]
 

@@ -56,9 +56,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import lmdb
 from cachetools import LRUCache
 
-from . import node
-from .concurrency import Deadline
-from .log import LOG
+from .. import node
+from ..concurrency import Deadline
+from ..ops.log import LOG
 from .store import Sealer
 
 STRIPES = 1 << 16                 # distinct keys share a stripe rarely, and then wait

@@ -18,8 +18,8 @@ from urllib.parse import quote
 from cachetools import TTLCache
 from kong_pdk.exception import PDKException
 
-from .concurrency import DeadlineExceeded, blocking
-from .httpclient import HTTPClient, HTTPFailure
+from ..concurrency import DeadlineExceeded, blocking
+from ..idp.httpclient import HTTPClient, HTTPFailure
 
 POSITIVE_TTL = 10.0
 NEGATIVE_TTL = 2.0

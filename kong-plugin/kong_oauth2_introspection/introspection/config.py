@@ -5,11 +5,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Optional, Tuple
 from urllib.parse import urlsplit
 
-from . import claims as claims_language
+from .. import claims as claims_language
 from . import resource_metadata as metadata
-from . import schema, spellings
-from .client_auth import ClientAuth, ClientAuthError
-from .httpclient import TLS
+from .. import schema
+from ..kong import spellings
+from ..idp.client_auth import ClientAuth, ClientAuthError
+from ..idp.httpclient import TLS
 from .requirements import Requirements, any_of
 from .templates import Template, TemplateError
 

@@ -19,33 +19,36 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from kong_pdk.exception import PDKException
 
-from . import NAME, PRIORITY, VERSION, body, metrics, responses, tracing
-from . import cert_binding, dpop, refusals
+from .. import NAME, PRIORITY, VERSION
+from ..kong import body, responses
+from ..ops import metrics, tracing
+from . import cert_binding, dpop
+from ..kong import refusals
 from . import requirements as required
-from . import schema as schema_module
-from . import breaker as breakers
-from .cache import Policy, TokenCache
-from .claims import MISSING, resolve
-from .concurrency import DeadlineExceeded, blocking
+from .. import schema as schema_module
+from ..idp import breaker as breakers
+from ..cache.tokens import Policy, TokenCache
+from ..claims import MISSING, resolve
+from ..concurrency import DeadlineExceeded, blocking
 from .config import Config, ConfigError
 from .consumers import ConsumerFinder, ConsumerLookupError
-from .guard import DECIDED, MARK, decided
-from .httpclient import Unsendable
-from .introspection import CLOCK_SKEW, IntrospectionError, Introspector, \
-    certificate_fingerprint, why_unusable
+from ..ops.guard import DECIDED, MARK, decided
+from ..idp.httpclient import Unsendable
+from .exchange import (CLOCK_SKEW, IntrospectionError, Introspector, certificate_fingerprint,
+                       why_unusable)
 from .jwt_answers import JWT_KEY
-from .log import LOG
-from .request import IncomingRequest, Uninspectable
-from .responses import Refusal
+from ..ops.log import LOG
+from ..kong.request import IncomingRequest, Uninspectable
+from ..kong.responses import Refusal
 from .templates import wire
-from .server.instances import PluginInstance, Unusable
-from .server.registry import Registry
-from .store import RedisStore
+from ..server.instances import PluginInstance, Unusable
+from ..server.registry import Registry
+from ..cache.store import RedisStore
 from .tokens import Found, MalformedToken, TokenFinder, without_cookie
-from .client_credentials import NAME as CLIENT_CREDENTIALS
-from .spellings import normalized
-from .upstream import IdentityHeaders, consumer_headers, credential_headers, header_value, \
-    identity_like
+from ..client_credentials import NAME as CLIENT_CREDENTIALS
+from ..kong.spellings import normalized
+from .upstream import (IdentityHeaders, consumer_headers, credential_headers, header_value,
+                       identity_like)
 
 LOG_PREFIX = NAME + ": "
 

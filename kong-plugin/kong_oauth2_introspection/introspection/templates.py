@@ -16,7 +16,7 @@ import re
 from typing import Callable, List, Union
 from urllib.parse import quote_from_bytes
 
-from .request import IncomingRequest
+from ..kong.request import IncomingRequest
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]+(?:\.[A-Za-z0-9_-]+)?)\s*\}\}")
 _SIMPLE = {"method", "path", "host", "client_ip"}

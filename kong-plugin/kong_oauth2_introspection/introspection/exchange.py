@@ -15,12 +15,12 @@ import threading
 import time
 from typing import Any, Dict, NamedTuple, Optional
 
-from . import metrics
-from .concurrency import DeadlineExceeded, current_deadline
+from ..ops import metrics
+from ..concurrency import DeadlineExceeded, current_deadline
 from .config import BACKOFF_BASE, BACKOFF_MAX, Config, ConfigError
-from .httpclient import HTTPClient, HTTPFailure, Unsendable, check_sendable
+from ..idp.httpclient import HTTPClient, HTTPFailure, Unsendable, check_sendable
 from .jwt_answers import MEDIA_TYPE, AnswerRejected, JWTAnswers
-from .preauth import PreAuthorization, PreAuthorizationError
+from ..idp.preauth import PreAuthorization, PreAuthorizationError
 
 MAX_ANSWER_BYTES = 1024 * 1024
 # Seconds another clock (the IdP's) may run ahead of ours: nbf, a signed answer's iat.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 from urllib.parse import urlsplit
 
-from .responses import DPOP_ALGS
+from ..kong.responses import DPOP_ALGS
 
 WELL_KNOWN = "/.well-known/oauth-protected-resource"
 

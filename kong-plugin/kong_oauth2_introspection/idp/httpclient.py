@@ -31,8 +31,8 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import NewConnectionError, TimeoutError as _Urllib3Timeout
 
-from . import VERSION
-from .concurrency import DeadlineExceeded, current_deadline
+from .. import VERSION
+from ..concurrency import DeadlineExceeded, current_deadline
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import NAME, VERSION
-from .concurrency import Deadline, deadline_scope
+from .. import NAME, VERSION
+from ..concurrency import Deadline, deadline_scope
 from .metrics import endpoint_label
 
 PROBE_TIMEOUT = 5.0
