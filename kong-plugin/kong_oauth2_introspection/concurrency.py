@@ -83,3 +83,7 @@ def blocking(fn: Callable[..., T], *args: Any) -> T:
     if run is None:
         return fn(*args)
     return run(fn, args)
+
+
+# The plugin server's default per-request deadline (server/listener.py).
+REQUEST_DEADLINE = 30.0

@@ -63,8 +63,8 @@ from ..ops import metrics
 from . import node as nodecache
 from ..concurrency import Deadline, current_deadline, deadline_scope
 from ..idp.httpclient import Unsendable
-from ..introspection.exchange import Answer, IntrospectionError
-from ..introspection.upstream import uuid_shaped
+from ..idp.answer import Answer, IntrospectionError
+from ..kong.headers import uuid_shaped
 
 STORED, INACTIVE, NOSTORE, FAILED = "stored", "inactive", "nostore", "failed"
 _LEASE_MARGIN = 0.5   # a lease outlives its holder's own bound by this much

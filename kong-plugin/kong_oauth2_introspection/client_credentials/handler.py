@@ -28,7 +28,7 @@ from ..server.instances import PluginInstance, Unusable
 from ..server.registry import Registry
 from ..cache.store import RedisStore
 from ..kong.spellings import normalized
-from ..introspection.upstream import SHARED, header_value, identity_like, uuid_shaped
+from ..kong.headers import SHARED, header_value, identity_like, uuid_shaped
 from . import NAME, PRIORITY, VERSION
 from .authserver import AuthServer, ClientRejected, Credentials, ServerError
 from .config import SCHEMA, Config, ConfigError

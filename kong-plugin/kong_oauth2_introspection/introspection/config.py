@@ -17,8 +17,6 @@ from .templates import Template, TemplateError
 # Retry backoff of the IdP call: BACKOFF_BASE * 2**attempt seconds, at most BACKOFF_MAX.
 BACKOFF_BASE = 0.05
 BACKOFF_MAX = 1.0
-# The plugin server's default per-request deadline (server/listener.py).
-REQUEST_DEADLINE = 30.0
 
 # RFC 7230 token: what a header name may be.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")

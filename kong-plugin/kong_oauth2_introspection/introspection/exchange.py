@@ -13,7 +13,7 @@ import math
 import random
 import threading
 import time
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, Optional
 
 from ..ops import metrics
 from ..concurrency import DeadlineExceeded, current_deadline
@@ -21,35 +21,17 @@ from .config import BACKOFF_BASE, BACKOFF_MAX, Config, ConfigError
 from ..idp.httpclient import HTTPClient, HTTPFailure, Unsendable, check_sendable
 from .jwt_answers import MEDIA_TYPE, AnswerRejected, JWTAnswers
 from ..idp.preauth import PreAuthorization, PreAuthorizationError
+from ..idp.answer import Answer, IntrospectionError
 
 MAX_ANSWER_BYTES = 1024 * 1024
 # Seconds another clock (the IdP's) may run ahead of ours: nbf, a signed answer's iat.
 CLOCK_SKEW = 60
 
 
-class IntrospectionError(Exception):
-    """The server could not be asked or gave no usable answer.
-
-    The message is safe to log: it never holds the token, the credentials or
-    the server's body. ``kind`` is the reason a refusal log names: ``idp_refused``,
-    ``idp_unreachable``, ``idp_timed_out``, ``idp_error`` (an HTTP status),
-    ``idp_answer_invalid``, ``idp_circuit_open``.
-    """
-
-    def __init__(self, message: str, kind: str = "idp_error"):
-        super().__init__(message)
-        self.kind = kind
-
-
 # A JSON answer nested deeper than this is not an introspection answer (RFC 7662
 # answers are flat; real ones nest a few levels): refused before anything walks it.
 MAX_ANSWER_DEPTH = 32
 _HTTP_KINDS = {"refused": "idp_refused", "timed_out": "idp_timed_out"}
-
-
-class Answer(NamedTuple):
-    claims: Dict[str, Any]
-    cacheable: bool  # False when the server said Cache-Control: no-store
 
 
 def parse_answer(body: bytes) -> Dict[str, Any]:

@@ -5,13 +5,12 @@ Everything is gathered into one table for a single
 (observed on Kong 3.9: ``set_headers({"x": []})`` removes x).
 """
 
-import json
-import re
 from typing import Any, Dict, Iterable, List, Union
 
 from ..claims import MISSING, resolve
 from .config import Config
 from ..kong.spellings import normalized, others
+from ..kong.headers import CONSUMER_HEADERS, SHARED, header_value, identity_like
 
 # (header, claim) pairs the Enterprise plugin sends, in its order.
 CREDENTIAL_HEADERS = (
@@ -27,37 +26,8 @@ CREDENTIAL_HEADERS = (
     ("X-Credential-Iss", "iss"),
     ("X-Credential-Jti", "jti"),
 )
-_SPOOFABLE_PREFIXES = ("x-consumer-", "x-credential-")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 HeaderTable = Dict[str, Union[str, List[str]]]
-
-
-def header_value(value: Any) -> str:
-    """Any JSON value as a safe header value."""
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, int):
-        text = str(value)
-    elif isinstance(value, float):
-        text = str(int(value)) if value.is_integer() else repr(value)
-    elif isinstance(value, str):
-        text = value
-    elif value is None:
-        text = ""
-    elif isinstance(value, list):
-        text = ",".join(header_value(item) for item in value)
-    else:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return _CONTROL.sub(" ", text)
-
-
-def uuid_shaped(digest: bytes) -> str:
-    """A credential id for ``kong.client.authenticate``: the first 16 bytes of
-    ``digest`` written as ``str(uuid.UUID(bytes=...))`` writes them, without
-    building the object (it is made on every authenticated request)."""
-    h = digest[:16].hex()
-    return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
 def claim_header_name(claim: str) -> str:
@@ -88,21 +58,6 @@ def credential_headers(conf: Config, claims: Dict[str, Any]) -> Dict[str, str]:
         value = resolve(claims, path)
         headers[header] = "" if value is MISSING else header_value(value)
     return headers
-
-
-CONSUMER_HEADERS = ("X-Consumer-ID", "X-Consumer-Custom-ID", "X-Consumer-Username",
-                    "X-Anonymous-Consumer")
-# Set (or cleared) by Kong's own set_consumer (key-auth, basic-auth, ...) for
-# the consumer another plugin identified, in exactly these spellings: on the
-# logical-OR path they are that plugin's. Every other spelling stays ours.
-SHARED = frozenset(n.lower() for n in CONSUMER_HEADERS + ("X-Credential-Identifier",))
-
-
-def identity_like(name: str) -> bool:
-    """A header an upstream may take for an identity header, in any spelling
-    (Kong's auth plugins own X-Anonymous-Consumer as much as X-Consumer-*)."""
-    norm = normalized(name)
-    return norm.startswith(_SPOOFABLE_PREFIXES) or norm == "x-anonymous-consumer"
 
 
 class IdentityHeaders:

@@ -92,7 +92,8 @@ def _every(first: Callable[[Dict[str, Any]], Optional[Violation]],
 
 
 def _introspection() -> Tuple[PluginSchema, DeepCheck]:
-    from ..introspection.config import REQUEST_DEADLINE, Config, ConfigError
+    from ..concurrency import REQUEST_DEADLINE
+    from ..introspection.config import Config, ConfigError
 
     def first(conf: Dict[str, Any]) -> Optional[Violation]:
         try:

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import NAME, VERSION
 from ..concurrency import Deadline, deadline_scope
-from .metrics import endpoint_label
+from .log import endpoint_label
 
 PROBE_TIMEOUT = 5.0
 MIN_INTERVAL = 2.0

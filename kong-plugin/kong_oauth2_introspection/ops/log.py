@@ -7,6 +7,8 @@ that hold no token or secret.
 
 import sys
 import threading
+from functools import lru_cache
+from urllib.parse import urlsplit, urlunsplit
 
 from .. import NAME
 
@@ -46,3 +48,17 @@ class Log:
 
 # The process-wide log; ``serve`` sets its threshold from -v.
 LOG = Log()
+
+
+@lru_cache(maxsize=256)
+def endpoint_label(url: str) -> str:
+    """``scheme://host:port/path`` of a URL: no user info, query or fragment."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = "[%s]" % host
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
+        return urlunsplit((parts.scheme, "%s:%d" % (host, port), parts.path, "", ""))
+    except ValueError:
+        return "unparsable"

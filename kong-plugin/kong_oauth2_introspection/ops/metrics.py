@@ -27,7 +27,6 @@ import os
 import time
 from functools import lru_cache
 from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
@@ -41,6 +40,7 @@ from .. import VERSION
 from . import loopback_http, tracing
 from ..concurrency import DeadlineExceeded
 from ..idp.httpclient import HTTPFailure
+from .log import endpoint_label
 
 T = TypeVar("T")
 PREFIX = "kong_oauth2_introspection_"
@@ -130,20 +130,6 @@ if MULTIPROCESS:
     multiprocess.MultiProcessCollector(SERVED)
 else:
     SERVED = REGISTRY
-
-
-@lru_cache(maxsize=256)
-def endpoint_label(url: str) -> str:
-    """``scheme://host:port/path`` of a URL: no user info, query or fragment."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = "[%s]" % host
-        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
-        return urlunsplit((parts.scheme, "%s:%d" % (host, port), parts.path, "", ""))
-    except ValueError:
-        return "unparsable"
 
 
 # -- hooks (cheap no-ops while off) ------------------------------------------------

@@ -40,7 +40,7 @@ from kong_pdk.exception import PDKException
 
 from ..ops import metrics
 from ..concurrency import Deadline, DeadlineExceeded, deadline_scope
-from ..introspection.config import REQUEST_DEADLINE
+from ..concurrency import REQUEST_DEADLINE
 from ..ops.log import LOG, Log
 from .peers import Peers
 from .table import InstanceTable, Record
