@@ -13,7 +13,8 @@ import time
 import pytest
 
 from certs import make_ca_and_certs
-from kong_oauth2_introspection.cache.store import NONCE_SIZE, RedisStore, Sealer
+from kong_oauth2_introspection.cache.sealing import NONCE_SIZE, Sealer
+from kong_oauth2_introspection.cache.store import RedisStore
 from redis_servers import (ACL_PASSWORD, ACL_USER, MASTER_SET, PASSWORD,  # noqa: F401
                            SENTINEL_PASSWORD, free_port, redis_cluster, redis_cluster_tls,
                            redis_disposable, redis_sentinel, redis_standalone, redis_tls,

@@ -50,6 +50,9 @@ when nothing is left.
 In Sentinel mode a background thread asks the sentinels for the master every
 second, because redis-py only asks them when a connection breaks, and a master
 demoted by a failover keeps accepting connections until it is reconfigured.
+Its parts live beside it: ``connection.py`` (endpoints, Sentinel and Cluster
+records, TLS files), ``sealing.py`` (values encrypted at rest), ``backoff.py``
+(after a failure), ``scripts.py`` (the Lua it runs) and ``tombstones.py``.
 """
 
 import base64
@@ -59,25 +62,29 @@ import hashlib
 import hmac
 import json
 import math
-import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
+from ..concurrency import DeadlineExceeded, current_deadline
 from ..ops import metrics
 from . import tombstones as tombs
-from ..concurrency import DeadlineExceeded, current_deadline
+from .backoff import _Backoff
+from .connection import (
+    _close_client,
+    _file_remover,
+    _get,
+    _log,
+    _parse_endpoint,
+    _tls_kwargs,
+)
+from .scripts import _INDEX_LUA, _LEASE_LUA, _RELEASE_LUA, _TAKE_INDEX_LUA, _TIME_LUA
+from .sealing import Sealer
 
-NONCE_SIZE = 12
 LOG_INTERVAL = 10.0
-BACKOFF_FIRST = 1.0
-BACKOFF_MAX = 10.0
 LEASE_SUFFIX = ":lease"
 _MAX_TTL_MS = 366 * 86400 * 1000
 _MAX_OWNED_LEASES = 10000
@@ -88,168 +95,6 @@ TOMBSTONES = "oauth2-introspection:tombstones"   # after the key prefix
 TOMBSTONE_REFRESH = 1.0
 _RESUBSCRIBE_FIRST = 0.2
 _RESUBSCRIBE_MAX = 5.0
-
-# Take the lease, or say how long (ms) its holder may keep it. One key: runs
-# unchanged on a Redis Cluster.
-_LEASE_LUA = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return -1
-end
-return redis.call('PTTL', KEYS[1])
-"""
-
-# Redis's clock in ms: one clock for every node that writes or purges.
-_NOW_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-# An index is a sorted set of cache keys scored by when each entry expires: a
-# write drops the members that have expired, and the set lives as long as its
-# longest-lived member, so it holds what is live and no more. A set left by an
-# older version (a plain set) is converted, keeping its expiry for each member.
-_INDEX_LUA = _NOW_LUA + """
-if redis.call('TYPE', KEYS[1]).ok == 'set' then
-  local left = redis.call('PTTL', KEYS[1])
-  local members = redis.call('SMEMBERS', KEYS[1])
-  redis.call('DEL', KEYS[1])
-  for _, m in ipairs(members) do
-    redis.call('ZADD', KEYS[1], now + math.max(left, 1), m)
-  end
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIRE', KEYS[1], math.max(1, tonumber(last[2]) - now))
-return 1
-"""
-
-# The live members of an index, which is then deleted (a purge by claim).
-_TAKE_INDEX_LUA = _NOW_LUA + """
-local members
-if redis.call('TYPE', KEYS[1]).ok == 'set' then
-  members = redis.call('SMEMBERS', KEYS[1])
-else
-  members = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
-end
-redis.call('DEL', KEYS[1])
-return members
-"""
-
-# Redis's clock, on the node holding the tombstones (one key: a Cluster too).
-_TIME_LUA = _NOW_LUA + """
-return now
-"""
-
-# Delete the lease only when it still holds our token: after it expired another
-# caller may have taken it, and that one is not ours to delete. One key, so it
-# runs unchanged on a Redis Cluster.
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-
-class Sealer:
-    """AES-GCM with a 16, 24 or 32-byte key.
-
-    A sealed value is ``nonce (12 random bytes) || ciphertext || tag``. The
-    associated data (the store passes the Redis key) binds a value to its key:
-    a value copied under another key does not open.
-    """
-
-    def __init__(self, secret):
-        key = secret.encode() if isinstance(secret, str) else bytes(secret)
-        if len(key) not in (16, 24, 32):
-            raise ValueError("the store secret must be 16, 24 or 32 bytes long")
-        self._aead = AESGCM(key)
-
-    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
-        nonce = os.urandom(NONCE_SIZE)
-        return nonce + self._aead.encrypt(nonce, plaintext, aad)
-
-    def open(self, blob: bytes, aad: bytes) -> Optional[bytes]:
-        """The plaintext, or None when ``blob`` was tampered with, sealed with
-        another key or for other associated data."""
-        if not isinstance(blob, (bytes, bytearray)) or len(blob) < NONCE_SIZE + 16:
-            return None
-        try:
-            return self._aead.decrypt(bytes(blob[:NONCE_SIZE]), bytes(blob[NONCE_SIZE:]), aad)
-        except Exception:  # InvalidTag, or anything else: a miss
-            return None
-
-
-def _parse_endpoint(endpoint: str) -> Tuple[str, int]:
-    host, sep, port = str(endpoint).strip().rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"endpoint {endpoint!r} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    port_n = int(port)
-    if not 0 < port_n < 65536:
-        raise ValueError(f"endpoint {endpoint!r}: bad port")
-    return host, port_n
-
-
-def _get(record, name, default=None):
-    if not isinstance(record, dict):
-        return default
-    value = record.get(name)
-    return default if value is None else value
-
-
-class _Backoff:
-    """Skip Redis for a while after a failure; let one caller probe afterwards."""
-
-    def __init__(self, probe_grace: float, clock=time.monotonic):
-        self._lock = threading.Lock()
-        self._clock = clock
-        self._grace = probe_grace
-        self.failures = 0          # failed windows in a row; 0: healthy
-        self.until = 0.0           # monotonic time before which Redis is skipped
-        self._probing = False      # one caller was let through to test Redis
-
-    def allow(self) -> bool:
-        if self.failures == 0:
-            return True
-        if self._clock() < self.until:
-            return False
-        with self._lock:
-            now = self._clock()
-            if self.failures == 0:
-                return True
-            if now < self.until:
-                return False
-            # This caller probes; the others keep skipping while it does.
-            self._probing = True
-            self.until = now + self._grace
-            return True
-
-    def failed(self) -> Optional[float]:
-        """Start a backoff window (doubling each time); its length, or None when
-        one is running already (calls failing together count once)."""
-        with self._lock:
-            now = self._clock()
-            if self.failures and not self._probing and now < self.until:
-                return None
-            delay = min(BACKOFF_FIRST * (2 ** self.failures), BACKOFF_MAX)
-            self.failures += 1
-            self._probing = False
-            self.until = now + delay
-            return delay
-
-    def succeeded(self) -> bool:
-        """True when this success ends a backoff (Redis is back)."""
-        if self.failures == 0:
-            return False
-        with self._lock:
-            was = self.failures
-            self.failures = 0
-            self._probing = False
-            self.until = 0.0
-            return was > 0
 
 
 def _glob_escape(text: str) -> str:
@@ -876,86 +721,3 @@ class RedisStore:
 _FAILED = object()
 
 
-def _log(log, level: str, msg: str):
-    if log is None:
-        return
-    try:
-        getattr(log, level)(msg)
-    except Exception:
-        pass
-
-
-def _close_client(client):
-    sentinel = getattr(client, "_kong_sentinel", None)
-    for c in [client] + (list(sentinel.sentinels) if sentinel is not None else []):
-        try:
-            c.close()
-        except Exception:
-            pass
-
-
-def _write_private(pem: str, suffix: str) -> str:
-    fd, path = tempfile.mkstemp(prefix="kong-oauth2-introspection-", suffix=suffix)
-    try:
-        os.fchmod(fd, 0o600)  # mkstemp already does; be explicit
-        os.write(fd, pem.encode())
-    finally:
-        os.close(fd)
-    return path
-
-
-def _tls_kwargs(tls_conf, log) -> Tuple[Dict[str, Any], List[str]]:
-    """redis-py's ssl_* arguments for ``tls_conf``, and the temp files they name.
-
-    redis-py takes the CA bundle as data but the client certificate and key only
-    as file paths (in all three modes), so those two go to private (0600) temp
-    files, removed by ``close``. The CA is trusted in addition to the system
-    store: redis-py builds its SSLContext with the default roots.
-    """
-    ca = _get(tls_conf, "ca") or None
-    cert = _get(tls_conf, "cert") or None
-    key = _get(tls_conf, "key") or None
-    insecure = bool(_get(tls_conf, "insecure_skip_verify", False))
-    if not (_get(tls_conf, "enabled", False) or ca or cert or key or insecure):
-        return {}, []
-    kwargs: Dict[str, Any] = {"ssl": True}
-    files: List[str] = []
-    if insecure:
-        _log(log, "warn", "store: tls.insecure_skip_verify is set: the Redis server "
-                          "certificate is NOT verified")
-        kwargs.update(ssl_cert_reqs="none", ssl_check_hostname=False)
-    else:
-        kwargs.update(ssl_cert_reqs="required", ssl_check_hostname=True)
-    if ca:
-        kwargs["ssl_ca_data"] = ca
-    if cert:
-        try:
-            path = _write_private(cert, ".crt")
-            files.append(path)
-            kwargs["ssl_certfile"] = path
-            if key:
-                path = _write_private(key, ".key")
-                files.append(path)
-                kwargs["ssl_keyfile"] = path
-        except Exception:
-            remove = _file_remover(files)
-            if remove is not None:
-                remove()
-            raise
-    elif key:
-        _log(log, "warn", "store: tls.key without tls.cert is ignored")
-    return kwargs, files
-
-
-def _file_remover(paths: List[str]) -> Optional[Callable[[], None]]:
-    if not paths:
-        return None
-    paths = list(paths)
-
-    def remove():
-        while paths:
-            try:
-                os.unlink(paths.pop())
-            except OSError:
-                pass
-    return remove
