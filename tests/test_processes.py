@@ -74,6 +74,33 @@ def wait_for(predicate, timeout=15.0):
     return predicate()
 
 
+def concurrently(threads, requests_of):
+    """Run ``requests_of(n)``, which sends thread n's requests and returns their
+    results, on ``threads`` threads at once, as Kong's workers would; every
+    result, in no particular order."""
+    results, lock = [], threading.Lock()
+
+    def run(n):
+        got = requests_of(n)
+        with lock:
+            results.extend(got)
+    workers = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return results
+
+
+def serving_pids(kong):
+    """The processes behind the connections in Kong's pool."""
+    serving = set()
+    for c in list(kong._rpc._pool):
+        c.sendall(msgpack.packb([0, 1 << 20, "plugin.GetStatus", [None]]))
+        serving.add(msgpack.unpackb(c.recv(65536), raw=False)[3]["Pid"])
+    return serving
+
+
 class Conn:
     """One raw connection to the plugin socket (as one of Kong's pooled ones)."""
 
@@ -130,25 +157,12 @@ def test_kongs_connections_are_served_by_every_process(idp):
         assert len(pids) == 2 and kong.pid not in pids
         inst = kong.configure(config(idp.url))
         before = {pid: cpu_ticks(pid) for pid in pids}
-        results, lock = [], threading.Lock()
-
-        def load(n):
-            for i in range(40):
-                r = kong.request(inst, headers={"Authorization": "Bearer %s-%d-%d" % (TOKEN, n, i)})
-                with lock:
-                    results.append(r)
-        threads = [threading.Thread(target=load, args=(n,)) for n in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = concurrently(8, lambda n: [
+            kong.request(inst, headers={"Authorization": "Bearer %s-%d-%d" % (TOKEN, n, i)})
+            for i in range(40)])
         assert len(results) == 320 and all(r.status == 200 for r in results)
         # Kong's pool: the connections its events went over belong to both processes
-        serving = set()
-        for c in list(kong._rpc._pool):
-            c.sendall(msgpack.packb([0, 1 << 20, "plugin.GetStatus", [None]]))
-            serving.add(msgpack.unpackb(c.recv(65536), raw=False)[3]["Pid"])
-        assert serving == set(pids)
+        assert serving_pids(kong) == set(pids)
         assert all(cpu_ticks(pid) > before[pid] for pid in pids)
         # one StartInstance for the whole run: no process answered "no plugin instance"
         assert not [r for r in results if any("no plugin instance" in m for _, m in r.kong_logs)]
@@ -343,18 +357,9 @@ def test_metrics_sum_every_processs_counts(idp):
                                            kong.server_log()))
         assert found, kong.server_log()
         inst = kong.configure(config(idp.url))
-        results, lock = [], threading.Lock()
-
-        def load(n):
-            for i in range(15):
-                r = kong.request(inst, headers={"Authorization": "Bearer %s-m-%d-%d" % (TOKEN, n, i)})
-                with lock:
-                    results.append(r)
-        threads = [threading.Thread(target=load, args=(n,)) for n in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = concurrently(6, lambda n: [
+            kong.request(inst, headers={"Authorization": "Bearer %s-m-%d-%d" % (TOKEN, n, i)})
+            for i in range(15)])
         assert all(r.status == 200 for r in results)
         # the Steps crossed processes, so both counted; slot 0's port shows the sum
         text = urllib.request.urlopen(found.group(1) + "/metrics", timeout=10).read().decode()
@@ -409,25 +414,11 @@ def test_without_redis_the_processes_ask_the_idp_once_per_token(idp):
         assert len(pids) == 2
         inst = kong.configure(config(idp.url))
         before = len(idp.calls)
-        results, lock = [], threading.Lock()
-
-        def load(n):
-            for rnd in range(3):
-                for token in tokens[n % 3::3] + tokens:
-                    r = kong.request(inst, headers={"Authorization": "Bearer " + token})
-                    with lock:
-                        results.append(r)
-        threads = [threading.Thread(target=load, args=(n,)) for n in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = concurrently(6, lambda n: [
+            kong.request(inst, headers={"Authorization": "Bearer " + token})
+            for _ in range(3) for token in tokens[n % 3::3] + tokens])
         assert results and all(r.status == 200 for r in results)
-        serving = set()
-        for c in list(kong._rpc._pool):
-            c.sendall(msgpack.packb([0, 1 << 20, "plugin.GetStatus", [None]]))
-            serving.add(msgpack.unpackb(c.recv(65536), raw=False)[3]["Pid"])
-        assert serving == set(pids)          # both processes answered requests
+        assert serving_pids(kong) == set(pids)          # both processes answered requests
         asked = [call.form.get("token") for call in idp.calls[before:]]
         assert sorted(asked) == sorted(tokens), "IdP calls: %d for %d tokens" % (
             len(asked), len(tokens))

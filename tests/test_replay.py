@@ -275,22 +275,9 @@ def _compare(t: Dict[str, Any], r: Any, msgs: List[Any], elapsed: float) -> None
     assert r.proxied == up["reached"], "%s: upstream reached %s, recorded %s" % (
         name, r.proxied, up["reached"])
     if up["reached"]:
-        got_up = {"method": r.upstream.method, "target": r.upstream.target,
-                  "headers": _headers(r.upstream.wire_headers(volatile=VOLATILE)),
-                  "body": _text(r.upstream.raw_body)}
-        want_up = {"method": up["method"], "target": up["target"],
-                   "headers": _headers(up["headers"]), "body": up["body"]}
-        assert got_up == want_up, "%s: what the upstream received differs:\n got %r\nwant %r" % (
-            name, _diff(got_up, want_up), _diff(want_up, got_up))
+        _assert_upstream(name, r, up)
     # 4. the client's response
-    resp = t["response"]
-    got_resp = {"status": r.status, "headers": _headers(r.wire_headers(volatile=VOLATILE)),
-                "body": _unvolatile_body(_text(r.body)) if isinstance(_text(r.body), str)
-                else _text(r.body)}
-    want_resp = {"status": resp["status"], "headers": _headers(resp["headers"]),
-                 "body": resp["body"]}
-    assert got_resp == want_resp, "%s: the client's response differs:\n got %r\nwant %r" % (
-        name, _diff(got_resp, want_resp), _diff(want_resp, got_resp))
+    _assert_response(name, r, t["response"])
     # 5. timing class and fail-open
     waited = t["elapsed_s"] > KONG_TIMEOUT * 0.9
     if waited:
@@ -591,20 +578,8 @@ def _compare_life(t: Dict[str, Any], replay: Replay, results: Dict[str, Tuple[An
     r, _ = results[key["label"]]
     up = t["upstream"]
     if up["reached"]:
-        got_up = {"method": r.upstream.method, "target": r.upstream.target,
-                  "headers": _headers(r.upstream.wire_headers(volatile=VOLATILE)),
-                  "body": _text(r.upstream.raw_body)}
-        want_up = {"method": up["method"], "target": up["target"],
-                   "headers": _headers(up["headers"]), "body": up["body"]}
-        assert got_up == want_up, "%s: what the upstream received differs:\n got %r\nwant %r" % (
-            name, _diff(got_up, want_up), _diff(want_up, got_up))
-    resp = t["response"]
-    got_resp = {"status": r.status, "headers": _headers(r.wire_headers(volatile=VOLATILE)),
-                "body": _unvolatile_body(_text(r.body))}
-    want_resp = {"status": resp["status"], "headers": _headers(resp["headers"]),
-                 "body": resp["body"]}
-    assert got_resp == want_resp, "%s: the client's response differs:\n got %r\nwant %r" % (
-        name, _diff(got_resp, want_resp), _diff(want_resp, got_resp))
+        _assert_upstream(name, r, up)
+    _assert_response(name, r, t["response"])
     # what Kong sent the server(s) over the whole scenario
     kong_msgs = [e["msg"] for e in t["rpc"] if e["from"] == "kong"]
     want = _kong_side(kong_msgs, _pdk_methods_sent(t["rpc"]))
@@ -638,3 +613,25 @@ def _compare_life(t: Dict[str, Any], replay: Replay, results: Dict[str, Tuple[An
         assert len(lines) >= 2, "%s: respawned after exit 127 only %d times" % (name, len(lines))
     if name == "life_exit_1_loop":
         assert sum("terminated: exit 1" in m for _, m in kong.process_log) >= 2
+
+
+def _assert_upstream(name, r, up):
+    """What the upstream received, exactly as recorded (volatile values aside)."""
+    got_up = {"method": r.upstream.method, "target": r.upstream.target,
+              "headers": _headers(r.upstream.wire_headers(volatile=VOLATILE)),
+              "body": _text(r.upstream.raw_body)}
+    want_up = {"method": up["method"], "target": up["target"],
+               "headers": _headers(up["headers"]), "body": up["body"]}
+    assert got_up == want_up, "%s: what the upstream received differs:\n got %r\nwant %r" % (
+        name, _diff(got_up, want_up), _diff(want_up, got_up))
+
+
+def _assert_response(name, r, resp):
+    """The client's response, exactly as recorded (volatile values aside)."""
+    body = _text(r.body)
+    got_resp = {"status": r.status, "headers": _headers(r.wire_headers(volatile=VOLATILE)),
+                "body": _unvolatile_body(body) if isinstance(body, str) else body}
+    want_resp = {"status": resp["status"], "headers": _headers(resp["headers"]),
+                 "body": resp["body"]}
+    assert got_resp == want_resp, "%s: the client's response differs:\n got %r\nwant %r" % (
+        name, _diff(got_resp, want_resp), _diff(want_resp, got_resp))
