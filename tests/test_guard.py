@@ -359,7 +359,7 @@ BOTH = ("oauth2-introspection", "oauth2-client-credentials")
 
 def test_one_plugin_renders_guard_lua_unchanged():
     # the chunk users already deployed stays byte for byte what it was
-    template = (ROOT / "kong-plugin" / "kong_oauth2_introspection" / "guard.lua").read_text()
+    template = (ROOT / "kong-plugin" / "kong_oauth2_introspection" / "ops" / "guard.lua").read_text()
     for name in BOTH:
         assert guard.render(True, False, [name]) == template
     assert guard.render(True, False, BOTH) != template
