@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 import jwt
 from jwt.utils import base64url_encode
 
+from .. import node
+from ..cache import replays
 from ..ops import metrics
 from ..idp.jwks import ALGORITHMS
 from ..ops.log import LOG
@@ -154,17 +156,23 @@ def _capacity() -> int:
     return value
 
 
-_PROCESS: Optional[Remembered] = None
+_PROCESS: Optional[Any] = None
 _PROCESS_LOCK = threading.Lock()
 
 
-def process_replays() -> Remembered:
-    """The one in-process store every config of this server shares (built on first use,
-    so a config change or a second config does not start from an empty memory)."""
+def process_replays() -> Any:
+    """The one store every config of this server shares (built on first use, so a
+    config change or a second config does not start from an empty memory): with
+    several processes, the node's (a proof replayed to another process is still
+    seen), else this process's ``Remembered``."""
     global _PROCESS
     with _PROCESS_LOCK:
-        if _PROCESS is None:
-            _PROCESS = Remembered(_capacity())
+        if _PROCESS is None or getattr(_PROCESS, "pid", os.getpid()) != os.getpid():
+            directory = node.directory()
+            if directory is not None:
+                _PROCESS = replays.for_node(directory, _capacity())
+            else:
+                _PROCESS = Remembered(_capacity())
             metrics.replay_store_size(lambda: len(_PROCESS or ()))
         return _PROCESS
 
