@@ -315,6 +315,11 @@ class HTTPClient:
                 raise DeadlineExceeded("request deadline exceeded")
             at = min(at, deadline.at)
         body, headers = _encode(kwargs)
+        # "Connection: close" (keepalive 0): the server closes after its answer, so
+        # the connection must not go back to the pool, where the next request could
+        # meet it before its close arrives.
+        closing = any(k.lower() == "connection" and str(v).lower() == "close"
+                      for k, v in (headers or {}).items())
         per_op = max(at - now, 0.001)
         watch = _REAPER.watch(at)
         try:
@@ -332,6 +337,8 @@ class HTTPClient:
                 return Reply(response.status, dict(response.headers), data)
             finally:
                 response.close()
+                if closing:
+                    self.pool.clear()
         except HTTPFailure:
             raise
         except _FAILURES as err:
