@@ -11,16 +11,16 @@ from kong_oauth2_introspection.cache.replays import NodeReplays
 def _offer(directory, keys, ttl, out):
     from kong_oauth2_introspection import node
     from kong_oauth2_introspection.introspection import dpop
-    node.set_directory(directory)
-    store = dpop.ReplayStore()
-    out.put([store.first_use(k, ttl) for k in keys])
+    node.set_directory(directory)      # None: the process runs alone
+    out.put([dpop.ReplayStore().first_use(k, ttl) for k in keys])
 
 
 def _in_processes(directory, batches, ttl=60.0):
+    """Each batch offered by a new OS process, one after the other."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     results = []
-    for keys in batches:   # one after the other: the second process sees the first's keys
+    for keys in batches:
         p = ctx.Process(target=_offer, args=(directory, keys, ttl, out))
         p.start()
         results.append(out.get(timeout=60))
@@ -48,22 +48,5 @@ def test_expired_keys_are_forgotten_and_the_store_refuses_when_full(tmp_path):
 
 
 def test_without_a_node_directory_the_store_is_the_process_own():
-    first, second = _in_processes_alone([["p1"], ["p1"]])
+    first, second = _in_processes(None, [["p1"], ["p1"]])
     assert first == [True] and second == [True]
-
-
-def _alone(keys, out):
-    from kong_oauth2_introspection.introspection import dpop
-    out.put([dpop.ReplayStore().first_use(k, 60.0) for k in keys])
-
-
-def _in_processes_alone(batches):
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    results = []
-    for keys in batches:
-        p = ctx.Process(target=_alone, args=(keys, out))
-        p.start()
-        results.append(out.get(timeout=60))
-        p.join(timeout=30)
-    return results
