@@ -21,7 +21,9 @@ Table C (capacity): for N = 1, 2 and the machine's CPUs plugin-server processes
 the flag), hits, misses and a 90/10 mix at saturation (many client threads):
 requests/s, server CPU per request (every process of the server, from /proc),
 p50/p99, IdP calls against the distinct tokens asked, and "no plugin instance"
-restarts after warm-up; beside the floor and the zero-work 3-call bound, one run,
+restarts after warm-up; beside the floor, the zero-work 3-call bound and our own
+server hosting a zero-work 3-call plugin (bench/frame_plugin.py: the bound's gap to
+it is our server's machinery, its gap to a hit the plugin's own work), one run,
 rounds interleaved. ``--only c`` runs this table alone.
 
 The plugin servers get this process's PYTHONPATH (Kong clears their environment
@@ -58,6 +60,7 @@ from kong import KongStandIn  # noqa: E402
 
 FLOOR_CMD = [sys.executable, os.path.join(HERE, "floor_plugin.py")]
 BOUND_CMD = [sys.executable, os.path.join(HERE, "bound_plugin.py")]
+FRAME_CMD = [sys.executable, os.path.join(HERE, "frame_plugin.py")]
 OURS_CMD = [shutil.which("kong-oauth2-introspection",
                          path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
             or "kong-oauth2-introspection"]
@@ -477,9 +480,9 @@ def table_b(idp, redis, args, stack):
 
 
 def _servers(n):
-    """The start command for ours with ``n`` processes: the flag only when n > 1,
-    so the table runs before ``serve --processes`` exists."""
-    return OURS_CMD + (["serve", "--processes", str(n)] if n > 1 else [])
+    """The start command for ours with ``n`` processes, always explicit: without the
+    flag ``serve`` runs one process per CPU."""
+    return OURS_CMD + ["serve", "--processes", str(n)]
 
 
 def saturate(kong, inst, tokens, threads, errors, restarts):
@@ -501,6 +504,9 @@ def table_c(idp, args, stack):
                   floor.configure({}), "hit", None))
     cells.append(("bound", "zero-work 3-call bound (bound_plugin.py)", bound,
                   bound.configure({}), "hit", None))
+    frame = stack.enter_context(KongStandIn(FRAME_CMD, env=ENV))
+    cells.append(("frame", "our server, zero-work 3-call plugin (frame_plugin.py)", frame,
+                  frame.configure({}), "hit", None))
     skipped = []
     for n in counts:
         try:
@@ -563,7 +569,7 @@ def table_c(idp, args, stack):
     for key, label, _, _, workload, scen in cells:
         r, mk = res[key], m[key]
         notes = []
-        if key.startswith("ours") and workload == "hit":
+        if key == "frame" or key.startswith("ours") and workload == "hit":
             notes.append("CPU %.2f× / p50 %.2f× the bound (c=1)" % (
                 mk["seq_cpu"] / m["bound"]["seq_cpu"], mk["seq_p50"] / m["bound"]["seq_p50"]))
         if key.startswith("ours") and workload == "miss":

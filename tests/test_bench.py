@@ -1,5 +1,6 @@
-"""The benchmark's comparison rows stay honest: the lower-bound server makes exactly
-the PDK calls our cache hit makes, and the floor exactly one (the figures in
+"""The benchmark's comparison rows stay honest: the lower-bound server and our own
+server's zero-work plugin make exactly the PDK calls our cache hit makes, and the
+floor exactly one (the figures in
 docs/benchmark.md compare against them)."""
 
 import os
@@ -35,8 +36,9 @@ def test_the_lower_bound_makes_the_calls_of_our_cache_hit(idp):
     ours = calls(plugin_command(), {"introspection_url": idp.url,
                                     "authorization_value": "Basic YTpi"})
     bound = calls([sys.executable, os.path.join(BENCH, "bound_plugin.py")], {})
+    frame = calls([sys.executable, os.path.join(BENCH, "frame_plugin.py")], {})
     assert len(idp.calls) == 1            # the first request missed, the others hit
-    assert bound[-1] == ours[-1]
+    assert bound[-1] == ours[-1] == frame[-1]
     assert len(ours[-1]) == 3
 
 
@@ -73,3 +75,20 @@ def test_the_capacity_table_counts_every_process_of_a_server():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_capacity_rows_run_the_process_count_they_name():
+    """Without ``--processes``, serve runs one process per CPU: the N = 1 row must
+    say so explicitly, or on a 2-core machine it measures two."""
+    sys.path.insert(0, BENCH)
+    import bench
+    for n in (1, 2):
+        with KongStandIn(bench._servers(n)) as kong:
+            deadline = time.monotonic() + 30
+            while True:
+                children = [p for p in os.listdir("/proc") if p.isdigit()
+                            and (bench._stat(int(p)) or [None, None])[1] == str(kong.pid)]
+                if len(children) == (0 if n == 1 else n) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert len(children) == (0 if n == 1 else n)

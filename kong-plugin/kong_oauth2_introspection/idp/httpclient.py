@@ -30,6 +30,7 @@ import certifi
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import NewConnectionError, TimeoutError as _Urllib3Timeout
+from urllib3.util import parse_url
 
 from .. import VERSION
 from ..concurrency import DeadlineExceeded, current_deadline
@@ -188,6 +189,7 @@ _FAILURES = (urllib3.exceptions.HTTPError, OSError, ValueError)
 _DEFAULT_HEADERS = {"User-Agent": "kong-oauth2-introspection/" + VERSION,
                     "Accept-Encoding": "gzip, deflate", "Accept": "*/*"}
 _FORM = "application/x-www-form-urlencoded"
+_MAX_ROUTES = 64
 
 
 def check_sendable(headers: Optional[Dict[str, Any]]) -> None:
@@ -298,6 +300,24 @@ class HTTPClient:
         self.pool = urllib3.PoolManager(num_pools=4, maxsize=pool_maxsize, block=False,
                                         retries=False, **tls)
         self.pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        # URL -> (its origin's pool, the path and query sent): a config calls the same
+        # few URLs again and again, and PoolManager parses and normalizes each one
+        # on every call (a tenth of a cache miss's CPU).
+        self._routes: Dict[str, Tuple[Any, str]] = {}
+
+    def _route(self, url: str) -> Tuple[Any, str]:
+        route = self._routes.get(url)
+        if route is None or route[0].pool is None:   # new, or its pool was closed
+            parsed = parse_url(url)
+            if parsed.scheme not in ("http", "https") or not parsed.host:
+                raise ValueError("not an absolute http(s) URL")
+            route = (self.pool.connection_from_host(parsed.host, port=parsed.port,
+                                                    scheme=parsed.scheme),
+                     parsed.request_uri)
+            if len(self._routes) >= _MAX_ROUTES:   # e.g. one Admin API URL per consumer
+                self._routes.clear()
+            self._routes[url] = route
+        return route
 
     def request(self, method: str, url: str, *, timeout: float, max_bytes: int,
                 **kwargs: Any) -> Reply:
@@ -323,9 +343,11 @@ class HTTPClient:
         per_op = max(at - now, 0.001)
         watch = _REAPER.watch(at)
         try:
-            response = self.pool.urlopen(method, url, body=body, headers=headers,
-                                         redirect=False, preload_content=False,
-                                         timeout=urllib3.Timeout(connect=per_op, read=per_op))
+            pool, target = self._route(url)
+            response = pool.urlopen(method, target, body=body, headers=headers,
+                                    redirect=False, assert_same_host=False,
+                                    preload_content=False,
+                                    timeout=urllib3.Timeout(connect=per_op, read=per_op))
             try:
                 length = response.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) > max_bytes:
@@ -338,7 +360,7 @@ class HTTPClient:
             finally:
                 response.close()
                 if closing:
-                    self.pool.clear()
+                    self.drop_idle()
         except HTTPFailure:
             raise
         except _FAILURES as err:
@@ -360,9 +382,11 @@ class HTTPClient:
 
     def drop_idle(self) -> None:
         self.pool.clear()
+        self._routes.clear()
 
     def close(self) -> None:
         self.pool.clear()
+        self._routes.clear()
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None

@@ -17,6 +17,7 @@ import json
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
+from cachetools import LRUCache
 from kong_pdk.exception import PDKException
 
 from .. import NAME, PRIORITY, VERSION
@@ -121,6 +122,19 @@ class Runtime:
             # Each signed answer once: across the cluster when there is a Redis.
             self.introspector.jwt_answers.replays = dpop.ReplayStore(
                 self.cache.store, ttl=conf.introspection_jwt_max_age + CLOCK_SKEW)
+
+        # cache key -> (the answer, its credential headers, its credential id): pure
+        # functions of one answer, so a hit computes them only once per answer.
+        # Touched only on the event loop's thread.
+        self._identities: LRUCache = LRUCache(maxsize=1024)
+
+    def identity_of(self, key: str, claims: Dict[str, Any]) -> Tuple[Dict[str, str], str]:
+        """The credential headers (a copy, the caller's to change) and id of ``claims``."""
+        known = self._identities.get(key)
+        if known is None or known[0] is not claims:   # a new answer for this token
+            known = (claims, credential_headers(self.conf, claims), self.cache.credential_id(key))
+            self._identities[key] = known
+        return dict(known[1]), known[2]
 
     def close(self) -> None:
         self.introspector.close()
@@ -284,7 +298,7 @@ class _Access:
             metrics.decision(metrics.ERROR, "consumer_lookup")
             return _error(kong, "consumer_lookup_failed", str(err), self.scope, self)
 
-        values = credential_headers(conf, claims)
+        values, credential_id = self.rt.identity_of(self.key, claims)
         if conf.upstream_introspection_jwt_header and JWT_KEY in claims:
             # The phantom token: the upstream can verify the IdP's statement itself.
             values[conf.upstream_introspection_jwt_header] = claims[JWT_KEY]
@@ -292,7 +306,7 @@ class _Access:
             values.update(consumer_headers(consumer))
         self.send_upstream(values)
 
-        credential: Dict[str, Any] = {"id": self.rt.cache.credential_id(self.key),
+        credential: Dict[str, Any] = {"id": credential_id,
                                       MARK: NAME}   # what the Kong-side guard looks for
         if consumer:
             credential["consumer_id"] = consumer.get("id")
