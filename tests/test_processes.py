@@ -7,6 +7,7 @@ including the Steps Kong sends on the other process's connection; and a process
 killed under load costs only the requests it held, which the guard refuses (503),
 none reaching the upstream unauthenticated, while a replacement takes its place."""
 
+import json
 import os
 import signal
 import socket
@@ -422,3 +423,30 @@ def test_without_redis_the_processes_ask_the_idp_once_per_token(idp):
         asked = [call.form.get("token") for call in idp.calls[before:]]
         assert sorted(asked) == sorted(tokens), "IdP calls: %d for %d tokens" % (
             len(asked), len(tokens))
+
+
+def test_health_covers_the_configs_started_through_every_process(idp):
+    """``/health`` is served by one process; it reports the configs Kong started
+    through the others too."""
+    import re
+    import urllib.request
+    with KongStandIn(plugin_command() + ["serve", "--processes", "2", "--metrics-port", "0"]) \
+            as kong:
+        found = wait_for(lambda: re.search(r"metrics: (http://127\.0\.0\.1:\d+)/metrics",
+                                           kong.server_log()))
+        assert found, kong.server_log()
+        a, b = wait_for(lambda: len(children(kong.pid)) == 2 and children(kong.pid))
+        started = []
+        for pid, others in ((a, [b]), (b, [a])):
+            conn = connection_to(kong.socket_path, pid, others)
+            inst = kong.configure(config(idp.url))
+            err, _ = conn.call("plugin.StartInstance", {"Name": inst.name,
+                                                        "Config": inst.conf_json})
+            assert err is None
+            started.append(inst.plugin_id)
+            conn.close()
+        report = json.loads(urllib.request.urlopen(found.group(1) + "/health",
+                                                   timeout=30).read())
+        reported = {pid for conf in report["configs"] for pid in conf["plugin_ids"]}
+        assert reported == set(started), report
+        assert report["healthy"] is True, report

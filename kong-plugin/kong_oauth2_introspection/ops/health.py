@@ -6,7 +6,8 @@ metrics port (``serve --metrics-port N``): HTTP 200 when healthy, 503 when not.
 exits 0 (healthy), 1 (unhealthy) or 2 (could not ask), for Kubernetes exec probes.
 
 What is checked, per distinct config Kong started (instances sharing a config
-are checked once):
+are checked once; with several processes, the one serving the port first builds
+the instances Kong started through the others):
 - oauth2-introspection: the IdP introspects a random, meaningless token with the
   config's own client credentials; a JSON answer (it will say ``active: false``)
   is healthy, so wrong credentials show up here as an HTTP 401. The circuit
@@ -58,6 +59,9 @@ def _instances(server: Any) -> List[Any]:
 def _configs(server: Any) -> List[Dict[str, Any]]:
     """One entry per distinct runtime, with the Kong plugin ids using it."""
     seen: Dict[int, Dict[str, Any]] = {}
+    adopt = getattr(server, "adopt_all", None)
+    if adopt is not None:   # one of several processes: cover what the others started
+        adopt()
     for instance in _instances(server) if server is not None else []:
         runtime = getattr(instance.plugin, "runtime", None)
         if runtime is None:

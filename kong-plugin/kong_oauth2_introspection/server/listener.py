@@ -495,6 +495,32 @@ class PluginServer:
                        % (record.id, record.name))
         return instance
 
+    def adopt_all(self, timeout: float = 2.0) -> None:
+        """Build here every instance in the node's table that this process has not
+        seen yet, so that a report from this process (``/health``) covers the
+        configs Kong started through the others. Called from another thread: the
+        loop does the work; this waits for it at most ``timeout`` seconds."""
+        loop = self.loop
+        if self.table is None or loop is None or loop.is_closed():
+            return
+        done: Future = Future()
+
+        def adopt() -> None:
+            try:
+                for iid in sorted(self.table.ids()):   # type: ignore[union-attr]
+                    if iid not in self.instances:
+                        self._adopt(iid)
+            except Exception as err:  # noqa: BLE001 - a partial report beats none
+                self.log.warn("health: cannot read the node's instances (%s)"
+                              % type(err).__name__)
+            finally:
+                done.set_result(None)
+        try:
+            loop.call_soon_threadsafe(adopt)
+            done.result(timeout)
+        except Exception:  # noqa: BLE001 - the loop is stopping, or busy past timeout
+            pass
+
     def _close(self, instance: _Instance) -> None:
         metrics.instances(len(self.instances))   # callers removed it already
         close = getattr(instance.plugin, "close", None)
