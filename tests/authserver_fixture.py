@@ -18,13 +18,16 @@ the default clients (see `DEFAULT_CLIENTS`).
 """
 
 import base64
+import collections
 import copy
 import json
 import os
-import select
+import queue
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -39,6 +42,7 @@ except ImportError:  # pragma: no cover
 SERVER_DIR = Path(__file__).resolve().parent / "authserver"
 SERVER_SCRIPT = SERVER_DIR / "server.mjs"
 START_TIMEOUT = 90.0  # node start-up on a loaded 2-core machine can take tens of seconds
+STDERR_TAIL_LINES = 40  # of node's stderr in a start failure's message
 
 INTROSPECTOR_ID = "kong"
 INTROSPECTOR_SECRET = "kong-introspection-secret"
@@ -104,6 +108,28 @@ def basic_authorization(client_id, client_secret):
     return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
+def _describe_status(returncode):
+    if returncode is not None and returncode < 0:
+        try:
+            return f"{returncode} ({signal.Signals(-returncode).name})"
+        except ValueError:
+            pass
+    return str(returncode)
+
+
+def _process_state(pid):
+    """Linux only: the scheduler state of the process's main thread and the
+    kernel function it waits in (a futex wait with no CPU used is a deadlock)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+    except OSError:
+        return ""
+    state = next((line.split(":", 1)[1].strip() for line in status.splitlines()
+                  if line.startswith("State:")), "state unknown")
+    return f"main thread {state}" + (f", waiting in {wchan}" if wchan not in ("", "0") else "")
+
+
 class AuthServer:
     """oidc-provider running on 127.0.0.1 with the given clients.
 
@@ -134,6 +160,9 @@ class AuthServer:
         self.session = requests.Session()
         self._tmpdir = None
         self._stderr = None
+        self._stdout_lines = None   # queue of complete stdout lines, None at EOF
+        self._stdout_seen = collections.deque(maxlen=50)
+        self._stdout_reader = None
         self._discovery = None
         self.tls = tls
         if tls:
@@ -165,10 +194,18 @@ class AuthServer:
         self._stderr = open(Path(self._tmpdir.name) / "stderr.log", "w+b")
         env = dict(os.environ, NODE_ENV="test")
         env.pop("AUTHSERVER_CONFIG", None)
+        # bufsize=0: the reader thread gets what node wrote as soon as it is
+        # written, with no lines left behind in a Python-side buffer
         self.process = subprocess.Popen(
             [self.node, str(SERVER_SCRIPT), "--config", str(config_path)],
             cwd=SERVER_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._stderr, env=env)
+            stderr=self._stderr, env=env, bufsize=0)
+        self._stdout_lines = queue.Queue()
+        self._stdout_seen.clear()
+        self._stdout_reader = threading.Thread(
+            target=self._read_stdout, args=(self.process.stdout, self._stdout_lines),
+            name=f"authserver-stdout-{self.process.pid}", daemon=True)
+        self._stdout_reader.start()
         try:
             self.port = self._wait_ready()
         except BaseException:
@@ -176,38 +213,71 @@ class AuthServer:
             raise
         return self
 
+    def _read_stdout(self, out, lines):
+        """Split node's stdout into lines for _wait_ready, and keep reading after
+        READY: oidc-provider prints notices there, and a full pipe would block
+        the server in the middle of a test."""
+        pending = b""
+        while True:
+            try:
+                chunk = out.read(65536)
+            except (OSError, ValueError):   # closed by stop()
+                chunk = b""
+            if not chunk:
+                break
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                self._stdout_seen.append(line)
+                lines.put(line)
+        if pending:
+            self._stdout_seen.append(pending)
+            lines.put(pending)
+        lines.put(None)
+
     def _wait_ready(self):
         deadline = time.monotonic() + START_TIMEOUT
-        out = self.process.stdout
-        seen = b""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AuthServerError(
-                    f"authorization server not ready after {START_TIMEOUT:.0f}s"
-                    + self._diagnostics(seen))
-            ready, _, _ = select.select([out], [], [], min(remaining, 0.5))
-            if ready:
-                line = out.readline()
-                if not line:
-                    self.process.wait(timeout=5)
-                    raise AuthServerError(
-                        f"authorization server exited with status {self.process.returncode}"
-                        + self._diagnostics(seen))
-                seen += line
-                if line.startswith(b"READY "):
-                    return int(line.split()[1])
-            elif self.process.poll() is not None:
-                raise AuthServerError(
-                    f"authorization server exited with status {self.process.returncode}"
-                    + self._diagnostics(seen))
+                raise self._start_failure(f"printed no READY line within {START_TIMEOUT:.0f}s")
+            try:
+                line = self._stdout_lines.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                if self.process.poll() is not None:   # gone, whoever holds its stdout
+                    raise self._start_failure("exited before READY") from None
+                continue
+            if line is None:   # stdout closed: node has exited (or is exiting)
+                raise self._start_failure("exited before READY")
+            if line.startswith(b"READY "):
+                return int(line.split()[1])
 
-    def _diagnostics(self, stdout=b""):
-        text = ""
-        if stdout:
-            text += "\n--- stdout ---\n" + stdout.decode(errors="replace")
-        text += "\n--- stderr ---\n" + self.stderr_text()
-        return text
+    def _start_failure(self, reason):
+        """An AuthServerError saying why the start failed, with node's exit
+        status and the end of its stderr; a server still running is stopped
+        first, after noting where it hangs."""
+        process = self.process
+        text = f"authorization server (pid {process.pid}) {reason}"
+        if process.poll() is None:
+            where = _process_state(process.pid)
+            if where:
+                text += f"; it was still running ({where})"
+            process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if self._stdout_reader is not None:
+            self._stdout_reader.join(timeout=1)   # its last stdout lines, if any
+        text += f"; exit status {_describe_status(process.returncode)}"
+        seen = b"\n".join(self._stdout_seen).decode(errors="replace")
+        if seen:
+            text += "\n--- stdout ---\n" + seen
+        tail = self.stderr_text().splitlines()[-STDERR_TAIL_LINES:]
+        text += f"\n--- stderr (last {STDERR_TAIL_LINES} lines) ---\n" + (
+            "\n".join(tail) if tail else "(empty)")
+        return AuthServerError(text)
 
     def stderr_text(self):
         """What the server wrote on stderr so far (warnings, errors)."""
@@ -233,7 +303,13 @@ class AuthServer:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-            process.stdout.close()
+            # once node is gone its stdout ends and the reader stops; if
+            # something still held the pipe open, leave the reader its file
+            reader, self._stdout_reader = self._stdout_reader, None
+            if reader is not None:
+                reader.join(timeout=5)
+            if reader is None or not reader.is_alive():
+                process.stdout.close()
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None

@@ -133,3 +133,72 @@ def test_missing_node_modules_is_reported(monkeypatch, tmp_path):
     monkeypatch.setattr(authserver_fixture, "SERVER_DIR", tmp_path)
     with pytest.raises(AuthServerError, match="npm ci --prefix tests/authserver"):
         AuthServer().start()
+
+
+# -- start-up: what the fixture does with a server that misbehaves. A stand-in
+# "node" (a Python script, given as AuthServer(node=...)) plays the server.
+
+def _fake_node(tmp_path, body):
+    script = tmp_path / "fake-node"
+    script.write_text(f"#!{sys.executable}\nimport os, sys, time\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_ready_in_one_read_with_earlier_stdout_lines(tmp_path):
+    # oidc-provider prints notices on stdout; READY must be found even when it
+    # arrives in the same read as them
+    node = _fake_node(tmp_path, "os.write(1, b'oidc-provider NOTICE: one\\nNOTICE two\\nREADY 4321\\n')\n"
+                                "sys.stdin.read()")
+    with AuthServer(node=node) as server:
+        assert server.port == 4321
+        process = server.process
+    assert process.poll() is not None
+
+
+def test_stdout_is_drained_after_ready(tmp_path):
+    # a server writing a lot on stdout later must not block on a full pipe
+    node = _fake_node(tmp_path, "os.write(1, b'READY 4321\\n')\n"
+                                "for _ in range(64): os.write(1, b'x' * 8191 + b'\\n')\n"
+                                "sys.stderr.write('all written\\n'); sys.stderr.flush()\n"
+                                "sys.stdin.read()")
+    with AuthServer(node=node) as server:
+        deadline = time.monotonic() + 20
+        while "all written" not in server.stderr_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "all written" in server.stderr_text()
+
+
+def test_exit_before_ready_reports_status_and_stderr_tail(tmp_path):
+    node = _fake_node(tmp_path, "for i in range(100): sys.stderr.write(f'stderr line {i}\\n')\n"
+                                "print('partial', end='', flush=True)\n"
+                                "sys.exit(3)")
+    with pytest.raises(AuthServerError) as caught:
+        AuthServer(node=node).start()
+    text = str(caught.value)
+    assert "exited before READY" in text and "exit status 3" in text
+    assert "stderr line 99" in text and "stderr line 59\n" not in text   # the last 40 only
+    assert "partial" in text
+
+
+def test_start_timeout_reports_a_hung_server(tmp_path, monkeypatch):
+    import authserver_fixture
+    monkeypatch.setattr(authserver_fixture, "START_TIMEOUT", 1.0)
+    node = _fake_node(tmp_path, "sys.stderr.write('stuck before listening\\n'); sys.stderr.flush()\n"
+                                "time.sleep(60)")
+    started = time.monotonic()
+    with pytest.raises(AuthServerError) as caught:
+        AuthServer(node=node).start()
+    assert time.monotonic() - started < 15
+    text = str(caught.value)
+    assert "printed no READY line within 1s" in text
+    assert "still running" in text and "exit status -15 (SIGTERM)" in text
+    assert "stuck before listening" in text
+
+
+def test_server_takes_its_keys_from_key_generation_as_jwk():
+    # Node 20 can deadlock in keyObject.export({format: 'jwk'}) on a key fresh
+    # from generateKeyPairSync (see server.mjs); the server must not do that
+    source = (Path(__file__).resolve().parent / "authserver" / "server.mjs").read_text()
+    assert "export({ format: 'jwk' })" not in source
+    assert "privateKeyEncoding: jwk" in source

@@ -217,11 +217,25 @@ setInterval(() => {
 // restart on the same port is a key rotation. They sign JWT access tokens of
 // clients with "access_token_format": "jwt". Providing them avoids the
 // provider's well-known development keys.
+//
+// The keys are asked for as JWKs from the key generation itself, never as
+// KeyObjects exported afterwards: on Node 20, keyObject.export({format:'jwk'})
+// holds the key's mutex while it allocates, and a garbage collection there that
+// frees the finished (now unreachable) generation job, whose destructor takes
+// the same mutex, deadlocks the main thread for good, before "READY" (about 1
+// start in 100, more often under load).
+function newJWK(type, options) {
+  const jwk = { format: 'jwk' };
+  return generateKeyPairSync(type, { ...options, publicKeyEncoding: jwk, privateKeyEncoding: jwk })
+    .privateKey;
+}
 const startId = randomBytes(4).toString('hex');
-const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
-const signingKey = { ...privateKey.export({ format: 'jwk' }), alg: 'ES256', use: 'sig', kid: `es256-${startId}` };
-const { privateKey: rsaKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
-const rsaSigningKey = { ...rsaKey.export({ format: 'jwk' }), alg: 'RS256', use: 'sig', kid: `rs256-${startId}` };
+const signingKey = {
+  ...newJWK('ec', { namedCurve: 'P-256' }), alg: 'ES256', use: 'sig', kid: `es256-${startId}`,
+};
+const rsaSigningKey = {
+  ...newJWK('rsa', { modulusLength: 2048 }), alg: 'RS256', use: 'sig', kid: `rs256-${startId}`,
+};
 
 function tokenTTL(ctx, token, client) {
   const requested = ctx?.get?.(TTL_HEADER);
