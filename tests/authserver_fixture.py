@@ -130,6 +130,16 @@ def _process_state(pid):
     return f"main thread {state}" + (f", waiting in {wchan}" if wchan not in ("", "0") else "")
 
 
+def _terminate(process):
+    """SIGTERM, then SIGKILL after 5 s; returns once the process is reaped."""
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class AuthServer:
     """oidc-provider running on 127.0.0.1 with the given clients.
 
@@ -262,11 +272,8 @@ class AuthServer:
             where = _process_state(process.pid)
             if where:
                 text += f"; it was still running ({where})"
-            process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            _terminate(process)
+        else:
             process.wait()
         if self._stdout_reader is not None:
             self._stdout_reader.join(timeout=1)   # its last stdout lines, if any
@@ -297,12 +304,7 @@ class AuthServer:
             try:
                 process.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                process.terminate()
-                try:
-                    process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                _terminate(process)
             # once node is gone its stdout ends and the reader stops; if
             # something still held the pipe open, leave the reader its file
             reader, self._stdout_reader = self._stdout_reader, None
