@@ -170,7 +170,7 @@ class AuthServer:
         self.session = requests.Session()
         self._tmpdir = None
         self._stderr = None
-        self._stdout_lines = None   # queue of complete stdout lines, None at EOF
+        self._stdout_lines = None   # stdout lines for _wait_ready (None marks EOF); dropped at READY
         self._stdout_seen = collections.deque(maxlen=50)
         self._stdout_reader = None
         self._discovery = None
@@ -239,7 +239,8 @@ class AuthServer:
             *complete, pending = pending.split(b"\n")
             for line in complete:
                 self._stdout_seen.append(line)
-                lines.put(line)
+                if lines is self._stdout_lines:   # nobody reads them after READY
+                    lines.put(line)
         if pending:
             self._stdout_seen.append(pending)
             lines.put(pending)
@@ -258,23 +259,25 @@ class AuthServer:
                     raise self._start_failure("exited before READY") from None
                 continue
             if line is None:   # stdout closed: node has exited (or is exiting)
-                raise self._start_failure("exited before READY")
+                raise self._start_failure("exited before READY", grace=5.0)
             if line.startswith(b"READY "):
+                self._stdout_lines = None
                 return int(line.split()[1])
 
-    def _start_failure(self, reason):
+    def _start_failure(self, reason, grace=0.0):
         """An AuthServerError saying why the start failed, with node's exit
-        status and the end of its stderr; a server still running is stopped
-        first, after noting where it hangs."""
+        status and the end of its stderr. A server still running after ``grace``
+        seconds (one that closed its stdout is on its way out: its own status is
+        the one to report) is stopped, after noting where it hangs."""
         process = self.process
         text = f"authorization server (pid {process.pid}) {reason}"
-        if process.poll() is None:
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
             where = _process_state(process.pid)
             if where:
                 text += f"; it was still running ({where})"
             _terminate(process)
-        else:
-            process.wait()
         if self._stdout_reader is not None:
             self._stdout_reader.join(timeout=1)   # its last stdout lines, if any
         text += f"; exit status {_describe_status(process.returncode)}"
